@@ -41,6 +41,9 @@ def _setup(q, k, mask, q_pos, k_pos):
 
 
 def forward(q, k, v, mask, q_pos, k_pos, scale):
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        return torch.zeros_like(q), lse
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     args = _setup(q, k, mask, q_pos, k_pos)
     out = torch.empty_like(q)
@@ -53,6 +56,8 @@ def forward(q, k, v, mask, q_pos, k_pos, scale):
 
 
 def backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse=None):
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout = dout.to(q.dtype).contiguous()
     args = _setup(q, k, mask, q_pos, k_pos)

@@ -109,3 +109,10 @@ def test_triton_really_runs_under_the_interpreter():
     kernels.forward(q, k, v, masks()["causal"], backend="triton")
     from kernels import triton_kernels
     assert isinstance(triton_kernels.fwd_kernel, InterpretedFunction)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_empty_key_block_gives_zero_and_minus_inf(backend):
+    q, k, v = qkv(5, 0, 2, 1)
+    out, lse = kernels.forward(q, k, v, masks()["causal"], k_pos=torch.arange(0), backend=backend)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.isneginf(lse).all()
