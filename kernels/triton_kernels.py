@@ -37,7 +37,7 @@ def _allowed(offs_m, offs_n, q_pos, k_pos, q_doc, k_doc, Tq, Tk,
 
 @triton.jit
 def fwd_kernel(Q, K, V, O, LSE, q_pos, k_pos, q_doc, k_doc, kinds,
-               Tq, Tk, Hq, G, scale,
+               Tq, Tk, G, scale,
                sqt, sqh, skt, skh, sot, soh,
                D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -93,7 +93,7 @@ def _probs_grad(q, k, v, do, lse, delta, offs_m, offs_n, q_pos, k_pos, q_doc, k_
 
 @triton.jit
 def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, q_pos, k_pos, q_doc, k_doc, kinds,
-                Tq, Tk, Hq, G, scale,
+                Tq, Tk, G, scale,
                 sqt, sqh, skt, skh, sdkt, sdkh,
                 D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -132,7 +132,7 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, q_pos, k_pos, q_doc, k_doc, kin
 
 @triton.jit
 def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, q_pos, k_pos, q_doc, k_doc, kinds,
-              Tq, Tk, Hq, G, scale,
+              Tq, Tk, G, scale,
               sqt, sqh, skt, skh,
               D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
