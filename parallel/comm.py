@@ -81,11 +81,12 @@ class AllGatherRows(torch.autograd.Function):
 
 
 def _exchange(x: torch.Tensor, group, peers: list[int], me: int) -> torch.Tensor:
-    chunks = x.contiguous().chunk(len(peers))
+    x = x.contiguous()
     out = torch.empty_like(x)
     if group is not None:
-        dist.all_to_all_single(out, x.contiguous(), group=group)
+        dist.all_to_all_single(out, x, group=group)
         return out
+    chunks = x.chunk(len(peers))
     recv = list(out.chunk(len(peers)))
     recv[me].copy_(chunks[me])
     others = [i for i in range(len(peers)) if i != me]
