@@ -24,11 +24,14 @@ def _matrix(rank, world, configs):
                     check(name, run_strategy(cp, q, k, v, dout), want)
                     stats.append((name, cp.stats))
                     cases += 1
-    for strategy in ("ring", "ulysses"):  # float32: about 1e-5 relative
-        mask = masks(T)["document+window"]
-        q, k, v, dout = (t.float() for t in inputs(T, 4, 2, seed=7))
-        cp = parallel.build(strategy, mask, T, backend="reference")
-        check(f"{strategy}/float32", run_strategy(cp, q, k, v, dout), reference(q, k, v, dout, mask), atol=2e-5)
+    for strategy in ("ring", "allgather", "ulysses"):  # float32, on the cpu backend too
+        for mask_name in ("causal", "document+window"):
+            mask = masks(T)[mask_name]
+            q, k, v, dout = (t.float() for t in inputs(T, 4, 2, seed=7))
+            want = reference(q, k, v, dout, mask)
+            for backend in ("reference", "cpu"):
+                cp = parallel.build(strategy, mask, T, backend=backend)
+                check(f"{strategy}/{mask_name}/float32/{backend}", run_strategy(cp, q, k, v, dout), want, atol=2e-5)
     return cases, stats
 
 
@@ -90,10 +93,13 @@ def test_bytes_and_pairs_follow_the_formulas():
     block = 2 * t_local * hkv * d * elem  # one packed K/V shard
     stats = run_ranks(_bytes, world)[0]
     assert stats["ring/full"].bytes_sent == [(world - 1) * block] * world
-    assert stats["ring/full"].extra["bytes_bwd_sent"] == [(world - 1) * 2 * block + block] * world
+    # backward: the K/V hops again, plus P-2 accumulator hops and one return home per block
+    assert stats["ring/full"].extra["bytes_bwd_sent"] == [(world - 1) * 2 * block] * world
     # causal + contiguous: block j is needed by ranks j..P-1 only, so rank r passes r+1 blocks
     assert stats["ring/causal"].bytes_sent == [block, 2 * block, 3 * block, 0]
     assert stats["ring/causal"].bytes_recv == [0, block, 2 * block, 3 * block]
+    # accumulators of blocks 0..2 start at their first remote rank and go home from rank 3
+    assert stats["ring/causal"].extra["bytes_bwd_sent"] == [block, 3 * block, 5 * block, 3 * block]
     # window 8 < shard 16: a block is needed by its own rank and the next only
     assert stats["ring/window"].bytes_sent == [block, block, block, 0]
     assert stats["ring/headtail"].bytes_sent == [(world - 1) * block] * world
