@@ -24,7 +24,7 @@ import kernels
 
 from .balance import pair_matrix
 from .base import ContextParallel, CPStats
-from .comm import nbytes, p2p
+from .comm import Pending, nbytes, p2p
 
 
 @dataclass
@@ -97,11 +97,8 @@ def ring_backward(plan: RingPlan, dout, q, kv, out, lse, dlse, mask, scale, back
     acc = _acc(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     own = torch.zeros(kv.shape, dtype=acc, device=kv.device)
-    if plan.reach[r] > 0:
-        home = torch.empty(kv.shape, dtype=acc, device=kv.device)
-        home_pending = p2p(recvs=[(home, plan.peers[(r + plan.reach[r]) % n], 2 * n + 1)])
-    sent = []
-    cur, spare, dkv_in, dkv_pending = kv, None, None, None
+    home = torch.empty(kv.shape, dtype=acc, device=kv.device) if plan.reach[r] > 0 else None
+    cur, spare, dkv_in, last = kv, None, None, Pending([])
     for s in range(n):
         j = (r - s) % n
         recv = None
@@ -109,6 +106,7 @@ def ring_backward(plan: RingPlan, dout, q, kv, out, lse, dlse, mask, scale, back
             recv = spare if spare is not None else torch.empty_like(kv)
         kv_pending = p2p([(cur, nxt, s + 1)] if cur is not None and plan.sends(r, s) else [],
                          [(recv, prv, s + 1)] if recv is not None else [])
+        sends, recvs = [], []
         if cur is not None:
             grads = None
             if plan.pairs[r][j] > 0:
@@ -120,24 +118,28 @@ def ring_backward(plan: RingPlan, dout, q, kv, out, lse, dlse, mask, scale, back
             elif s == 1:
                 dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
             else:
-                dkv_pending.wait()
+                last.wait()  # the accumulator arriving with this block
                 dkv = dkv_in
             if grads is not None:
                 dkv[0] += grads[1]
                 dkv[1] += grads[2]
             if s > 0:
-                to = (nxt, n + s + 1) if plan.sends(r, s) else (plan.peers[j], 2 * n + 1)
-                sent.append(p2p([(dkv, *to)]))
+                sends.append((dkv, nxt, n + s + 1) if plan.sends(r, s) else (dkv, plan.peers[j], 2 * n + 1))
         if s > 0 and plan.sends((r - 1) % n, s):
             dkv_in = torch.empty(kv.shape, dtype=acc, device=kv.device)
-            dkv_pending = p2p(recvs=[(dkv_in, prv, n + s + 1)])
+            recvs.append((dkv_in, prv, n + s + 1))
+        if s > 0 and s == plan.reach[r]:
+            recvs.append((home, plan.peers[(r + s) % n], 2 * n + 1))
+        # sends and receives of one exchange go in one batch (NCCL needs that to avoid a
+        # ring deadlock, and matches P2P messages by order, so both sides post in step order)
+        batch = p2p(sends, recvs)
         kv_pending.wait()
+        last.wait()
+        last = batch
         spare = cur if cur is not None and cur is not kv else None
         cur = recv
-    for pending in sent:
-        pending.wait()
-    if plan.reach[r] > 0:
-        home_pending.wait()
+    last.wait()
+    if home is not None:
         own += home
     return dq.to(q.dtype), own[0].to(kv.dtype), own[1].to(kv.dtype)
 

@@ -41,7 +41,7 @@ class HeadExchange:
     def to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H, D] local rows -> [U*T, H/U, D]: every member's rows, this rank's heads."""
         t, h, d = x.shape
-        chunks = x.view(t, self.degree, h // self.degree, d).transpose(0, 1).contiguous()
+        chunks = x.reshape(t, self.degree, h // self.degree, d).transpose(0, 1).contiguous()
         return all_to_all(chunks, group=self.group, peers=self.peers, me=self.me).view(-1, h // self.degree, d)
 
     def to_rows(self, y: torch.Tensor) -> torch.Tensor:
