@@ -11,8 +11,9 @@ hidden blocks and stop blocks that are out of every later query's reach.
 Backward is a second ring pass: K/V go round again, and from the first hop on a float32
 dK/dV accumulator of block j travels with it, each rank adding its contribution from
 kernels.backward (which takes the final out/lse of its query rows); the last rank in reach
-sends it straight home, where it is added to the home rank's own contribution.  Tags keep the three kinds of messages apart: kv (s), dkv (P + s),
-home (2P + 1).
+sends it straight home, where it is added to the home rank's own contribution.  Tags keep
+the three kinds of messages apart for gloo (kv: s, dkv: P + s, home: 2P + 1); both sides
+post them in the same order, which is how NCCL matches them.
 """
 from __future__ import annotations
 
