@@ -123,8 +123,13 @@ class ContextParallel:
         validate(q, k, v, self.mask, self.index, self.index, self.scale)
 
     def attention(self, q, k, v):
-        return self.attention_with_lse(q, k, v)[0]
+        """Local q [T_local, Hq, D], k/v [T_local, Hkv, D] -> local output rows."""
+        return self.compute(q, k, v, with_lse=False)[0]
 
     def attention_with_lse(self, q, k, v):
         """(out, lse) of the local query rows; lse [Hq, T_local] float32 (float64 for float64)."""
+        return self.compute(q, k, v, with_lse=True)
+
+    def compute(self, q, k, v, with_lse: bool):
+        """(out, lse or None): strategies that must move lse to return it skip that when not asked."""
         raise NotImplementedError
