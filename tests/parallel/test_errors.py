@@ -25,6 +25,7 @@ BAD = {
     "usp degree not dividing": (lambda: parallel.build("usp", CAUSAL, 64, ulysses_degree=3), "ulysses_degree=3"),
     "documents vs seqlen": (lambda: parallel.build("ring", MaskSpec.from_doc_lens([30, 30]), 64), "seqlen=64"),
     "ulysses heads": (lambda: _attend("ulysses", hq=3, hkv=1), "ulysses_degree=2 must divide the query heads Hq=3"),
+    "ulysses heads at build": (lambda: parallel.build("ulysses", CAUSAL, 64, num_heads=3, num_kv_heads=1), "Hq=3"),
     "usp heads": (lambda: _attend("usp", hq=3, hkv=1, ulysses_degree=2), "Hq=3"),
     "local rows": (lambda: parallel.build("ring", CAUSAL, 64).attention(*_qkv(16)), "local rows"),
     "kv head groups": (lambda: _attend("allgather", kv_head_groups=3), "kv_head_groups=3"),
