@@ -1,7 +1,6 @@
 """Every strategy x balancer x mask x head layout on 2 and 4 gloo ranks: gathered out, lse,
 dq, dk, dv equal single-process kernels.attention (float64, reference backend), and the
 bytes in cp.stats follow each strategy's formula."""
-import torch
 
 import parallel
 from tests.distributed import run_ranks
