@@ -10,6 +10,9 @@ and all-gather CP (closed form: both bring the other P - 1 ranks' K/V to every r
 the planning time.
 
     PYTHONPATH=. python3 scripts/bench_cad.py --ranks 8 32 64 --tokens-per-rank 32768 131072 524288
+
+`--real N` instead times one attention step (forward + backward) on N real gloo CPU ranks for
+ring, CAD and CAD with ping-pong on a skewed document mix and prints the step-time ratios.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import argparse
 import itertools
 import json
 import random
+import time
 from pathlib import Path
 
 from parallel.cad import MaskKind, plan
@@ -54,6 +58,62 @@ def imbalance(values):
     return max(values) / mean if mean else 1.0
 
 
+def skewed_mix(seqlen):
+    """Sixteen short documents (1/64 of the batch each), then one of the remaining 3/4."""
+    short = [seqlen // 64] * 16
+    return short + [seqlen - sum(short)]
+
+
+def _real_rank(rank, world, port, seqlen, repeats, backend, results):
+    import torch
+    import torch.distributed as dist
+
+    import parallel
+    from kernels import MaskSpec
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    mask = MaskSpec.from_doc_lens(skewed_mix(seqlen), causal=True)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(seqlen, h, 64, generator=g) for h in (8, 2, 2))
+    for name, strategy, options in (("ring", "ring", {}), ("cad", "cad", {"backend": backend}),
+                                    ("cad+pingpong", "cad", {"backend": backend, "pingpong": True})):
+        cp = parallel.build(strategy, mask, seqlen, **options)
+        lq, lk, lv = (cp.shard(t).clone().requires_grad_() for t in (q, k, v))
+        times = []
+        for _ in range(repeats + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            cp.attention(lq, lk, lv).sum().backward()
+            dist.barrier()
+            times.append(time.perf_counter() - t0)
+        if rank == 0:
+            extra = {k: round(v, 4) for k, v in cp.stats.extra.items() if isinstance(v, float)}
+            results[name] = (min(times[1:]), cp.stats.imbalance("pairs"), max(cp.stats.bytes_recv), extra)
+    dist.destroy_process_group()
+
+
+def real(world, seqlen, repeats, backend):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_real_rank, args=(world, port, seqlen, repeats, backend, results), nprocs=world)
+    print(f"{world} gloo CPU ranks, seqlen={seqlen}, docs={skewed_mix(seqlen)[:3]}...+{skewed_mix(seqlen)[-1]}, "
+          f"Hq=8 Hkv=2 D=64 float32, backend={backend}; fastest of {repeats} fwd+bwd steps")
+    print("| strategy | step s | pairs max/mean | max bytes received | ring step / this step |\n|---|---|---|---|---|")
+    ring = results["ring"][0]
+    for name, (sec, imb, recv, _) in results.items():
+        print(f"| {name} | {sec:.3f} | {imb:.3f} | {recv} | {ring / sec:.2f} |")
+    for name, (*_, extra) in results.items():
+        if "pingpong" in name:
+            print(f"{name} timing breakdown (rank 0): {extra}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--doclens", type=Path, default=DEFAULT_DOCLENS)
@@ -66,7 +126,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--q-bytes", type=int, default=32 * 128 * 2, help="bytes of one token's Q (Hq=32, D=128, bf16)")
     ap.add_argument("--kv-bytes", type=int, default=2 * 8 * 128 * 2, help="bytes of one token's K+V (Hkv=8)")
+    ap.add_argument("--real", type=int, default=0, help="time a step on this many real CPU ranks instead")
+    ap.add_argument("--seqlen", type=int, default=8192, help="--real: global tokens")
+    ap.add_argument("--backend", default="cpu", help="--real: CAD's kernel backend")
     args = ap.parse_args(argv)
+    if args.real:
+        return real(args.real, args.seqlen, 3, args.backend)
     lens = json.loads(args.doclens.read_text())
     kind = MaskKind(causal=True, window=args.window)
     gib = 2 ** 30

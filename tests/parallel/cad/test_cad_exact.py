@@ -1,4 +1,5 @@
-"""CAD on 2 and 4 gloo ranks equals single-process kernels.attention: out, dq, dk, dv."""
+"""CAD on 2 and 4 gloo ranks equals single-process kernels.attention: out, dq, dk, dv
+(float64; reference and cpu backends; plain and ping-pong dispatch)."""
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,7 @@ def _cases(world):
     return [[1, long, 3, total - long - 4], [total - 2, 1, 1], [2, 1, total - long - 3, long]]
 
 
-def _check(rank, world, backend, pingpong_modes):
+def _check(rank, world, modes):
     import torch.distributed as dist
 
     import kernels
@@ -38,7 +39,7 @@ def _check(rank, world, backend, pingpong_modes):
     for doc_lens in _cases(world):
         seqlen = sum(doc_lens)
         for kind in MASKS:
-            for pingpong in pingpong_modes:
+            for backend, pingpong in modes:
                 mask = _mask(kind, doc_lens)
                 g = torch.Generator().manual_seed(seqlen + len(kind))
                 q = torch.randn(seqlen, hq, d, dtype=torch.float64, generator=g)
@@ -55,7 +56,7 @@ def _check(rank, world, backend, pingpong_modes):
                 out = cp.attention(lq, lk, lv)
                 (out * cp.shard(dout)).sum().backward()
                 full = cp.unshard(out.detach())
-                where = f"rank {rank} docs={doc_lens} mask={kind} pingpong={pingpong}"
+                where = f"rank {rank} docs={doc_lens} mask={kind} backend={backend} pingpong={pingpong}"
                 torch.testing.assert_close(full, ref_out.detach(), rtol=1e-10, atol=1e-10, msg=where)
                 for name, got, ref in (("dq", lq, ref_q), ("dk", lk, ref_k), ("dv", lv, ref_v)):
                     torch.testing.assert_close(got.grad, cp.shard(ref.grad), rtol=1e-10, atol=1e-10,
@@ -72,5 +73,6 @@ def _check(rank, world, backend, pingpong_modes):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_cad_matches_single_process(world):
-    counts = run_ranks(_check, world, "reference", (False, True))
-    assert counts == [len(_cases(world)) * len(MASKS) * 2] * world
+    modes = (("reference", False), ("cpu", True))  # both backends, both dispatch paths
+    counts = run_ranks(_check, world, modes)
+    assert counts == [len(_cases(world)) * len(MASKS) * len(modes)] * world
