@@ -73,6 +73,9 @@ class CAD(base.ContextParallel):
             raise ValueError(f"the mask's documents cover {self.mask.seqlen} tokens but seqlen={self.seqlen}; "
                              "every document must fit in the batch (split or trim documents longer than seqlen)")
         doc_lens = self.mask.doc_lens if self.mask.has_docs else [self.seqlen]
+        if self.mask.has_docs and len(doc_lens) != len(set(self.mask.doc_of(torch.arange(self.seqlen)).tolist())):
+            raise ValueError("mask doc_ids repeat an id in separate runs; cad needs every document to be one "
+                             "contiguous run of positions (renumber the runs or pass cu_seqlens)")
         backend = self.backend if self.backend != "auto" else "default"
         return plan(doc_lens, self.seqlen // self.world, MaskKind.of(self.mask), epsilon=epsilon,
                     backend=backend, task_overhead_pairs=task_overhead_pairs)

@@ -7,7 +7,7 @@ import torch
 
 from tests.distributed import run_ranks
 
-MASKS = ("causal", "document", "window", "document+window")
+MASKS = ("causal", "document", "window", "document+window", "bidirectional document")
 
 
 def _mask(kind, doc_lens):
@@ -15,7 +15,7 @@ def _mask(kind, doc_lens):
     docs = "document" in kind
     window = 5 if "window" in kind else None
     if docs:
-        return MaskSpec.from_doc_lens(doc_lens, causal=True, window=window)
+        return MaskSpec.from_doc_lens(doc_lens, causal=not kind.startswith("bidirectional"), window=window)
     return MaskSpec(causal=True, window=window)
 
 
