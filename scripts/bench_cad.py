@@ -110,8 +110,9 @@ def real(world, seqlen, repeats, backend):
     for name, (sec, imb, recv, _) in results.items():
         print(f"| {name} | {sec:.3f} | {imb:.3f} | {recv} | {ring / sec:.2f} |")
     for name, (*_, extra) in results.items():
-        if "pingpong" in name:
-            print(f"{name} timing breakdown (rank 0): {extra}")
+        if name != "ring":
+            print(f"{name} timing breakdown (rank 0, last step): "
+                  + ", ".join(f"{k}={v}" for k, v in extra.items() if k.endswith("_s")))
 
 
 def main(argv=None):
