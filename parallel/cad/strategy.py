@@ -73,7 +73,7 @@ class CAD(base.ContextParallel):
             raise ValueError(f"the mask's documents cover {self.mask.seqlen} tokens but seqlen={self.seqlen}; "
                              "every document must fit in the batch (split or trim documents longer than seqlen)")
         doc_lens = self.mask.doc_lens if self.mask.has_docs else [self.seqlen]
-        if self.mask.has_docs and len(doc_lens) != len(set(self.mask.doc_of(torch.arange(self.seqlen)).tolist())):
+        if self.mask.has_docs and len(doc_lens) != self.mask.doc_of(torch.arange(self.seqlen)).unique().numel():
             raise ValueError("mask doc_ids repeat an id in separate runs; cad needs every document to be one "
                              "contiguous run of positions (renumber the runs or pass cu_seqlens)")
         backend = self.backend if self.backend != "auto" else "default"
@@ -83,7 +83,8 @@ class CAD(base.ContextParallel):
     def _check_agreement(self, error, fingerprint):
         """One all_gather every rank enters; then every rank raises if any rank failed or
         the plans differ, so no rank is left waiting in a later collective."""
-        mine = torch.tensor([fingerprint, 0 if error is None else 1], dtype=torch.long)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else "cpu"
+        mine = torch.tensor([fingerprint, 0 if error is None else 1], dtype=torch.long, device=device)
         every = [torch.zeros_like(mine) for _ in range(self.world)]
         dist.all_gather(every, mine, group=self.group)
         if error is not None:
