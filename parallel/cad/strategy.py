@@ -52,6 +52,7 @@ class CAD(base.ContextParallel):
         self.world = dist.get_world_size(self.group)
         self.mask, self.seqlen, self.backend, self.scale = mask, seqlen, backend, scale
         self.pingpong = bool(pingpong)
+        self._bytes_cache = {}
         error, fingerprint = None, -1
         try:
             self.plan = self._plan(balancer, epsilon, task_overhead_pairs)
@@ -120,7 +121,9 @@ class CAD(base.ContextParallel):
         p = self.plan
         q_bytes = q.shape[1] * q.shape[2] * q.element_size()
         kv_bytes = 2 * k.shape[1] * k.shape[2] * k.element_size()
-        self.stats.bytes_sent, self.stats.bytes_recv = _traffic(p, q_bytes, kv_bytes)
+        if (q_bytes, kv_bytes) not in self._bytes_cache:  # every layer calls with the same shapes
+            self._bytes_cache[q_bytes, kv_bytes] = _traffic(p, q_bytes, kv_bytes)
+        self.stats.bytes_sent, self.stats.bytes_recv = map(list, self._bytes_cache[q_bytes, kv_bytes])
         self.stats.pairs = list(p.pairs_after)
         self.stats.extra = timing  # ping-pong's backward adds its timings to this dict later
         timing.update({
