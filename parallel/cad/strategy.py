@@ -7,6 +7,12 @@ servers, runs each server's tasks as one kernel call, and sends the outputs back
 reverses it (dO out, dQ/dK/dV back, dK/dV of keys held by several servers summed).
 With `pingpong=True` the tasks are split into two nano-batches whose communication and
 compute overlap (see pingpong.py).
+
+Options: epsilon (balance tolerance), backend (kernel backend; also picks the calibrated task
+overhead), pingpong, task_overhead_pairs (override the calibration), scale.
+stats: pairs = pairs each rank computes as a server; bytes_sent / bytes_recv = forward traffic
+(Q, K/V to servers, outputs back); backward moves the same bytes the other way.  extra holds
+pairs before/after planning, planner time and the forward/ping-pong timing breakdown.
 """
 from __future__ import annotations
 
@@ -77,7 +83,9 @@ class CAD(base.ContextParallel):
         if self.mask.has_docs and len(doc_lens) != self.mask.doc_of(torch.arange(self.seqlen)).unique().numel():
             raise ValueError("mask doc_ids repeat an id in separate runs; cad needs every document to be one "
                              "contiguous run of positions (renumber the runs or pass cu_seqlens)")
-        backend = self.backend if self.backend != "auto" else "default"
+        backend = self.backend  # whose calibrated task overhead to plan with; "auto" -> by process-group kind
+        if backend == "auto":
+            backend = "default" if dist.get_backend(self.group) == "nccl" else "cpu"
         return plan(doc_lens, self.seqlen // self.world, MaskKind.of(self.mask), epsilon=epsilon,
                     backend=backend, task_overhead_pairs=task_overhead_pairs)
 
