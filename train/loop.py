@@ -11,6 +11,7 @@ reduced the same way (sum over CP, mean over DP).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -32,6 +33,7 @@ from .logger import WandbLogger
 from .metrics import attention_pairs, peak_flops, peak_memory_mb, throughput
 
 MASKS = ("causal", "document", "window")
+log = logging.getLogger(__name__)
 
 
 def resolve_device(tcfg) -> tuple[torch.device, torch.dtype | None]:
@@ -173,4 +175,8 @@ def run(cfg) -> list[dict]:
             logger.log(metrics, step)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     logger.finish()
+    if rank == 0:
+        first, last = history[0], history[-1]
+        log.info("trained %d steps: loss %.3f -> %.3f, %.0f tokens/s; wandb: %s", len(history), first["loss"],
+                 last["loss"], sum(m["tokens_per_s"] for m in history) / len(history), logger.dir or "off")
     return history
