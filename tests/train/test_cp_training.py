@@ -10,7 +10,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import parallel
 from tests.distributed import run_ranks
 from train.config import register
 from train.loop import run
@@ -18,14 +17,18 @@ from train.loop import run
 CONF = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
 STEPS = 20
 
-# (strategy yaml, extra overrides); usp on 2 ranks is one of its degrees x 1
+WINDOW = ["train.mask=window", "train.window=24"]
+# (strategy yaml, its overrides, the single-process baseline's overrides); usp on 2 ranks
+# is one of its degrees x 1; parallel=none with dp=2 must equal one process accumulating 2
 CASES = [
-    ("ring", []),
-    ("allgather", []),
-    ("ulysses", []),
-    ("usp", ["parallel.options.ulysses_degree=2", "parallel.options.ring_degree=1"]),
-    ("usp", ["parallel.options.ulysses_degree=1", "parallel.options.ring_degree=2"]),
-    ("cad", []),
+    ("ring", [], []),
+    ("ring", WINDOW, WINDOW),
+    ("allgather", [], []),
+    ("ulysses", [], []),
+    ("usp", ["parallel.options.ulysses_degree=2", "parallel.options.ring_degree=1"], []),
+    ("usp", ["parallel.options.ulysses_degree=1", "parallel.options.ring_degree=2"], []),
+    ("cad", [], []),
+    ("none", ["parallel.dp=2"], ["train.grad_accum=2"]),
 ]
 
 
@@ -41,32 +44,18 @@ def config(strategy, extra, out_dir):
     return OmegaConf.to_object(cfg)
 
 
-def available(strategy):
-    module = parallel.STRATEGIES[strategy].split(":")[0]
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
 def train_each(rank, world, configs):
     return [[m["loss"] for m in run(cfg)] for cfg in configs]
 
 
 def test_two_rank_losses_match_single_process(tmp_path):
-    cases = [(s, extra) for s, extra in CASES if available(s)]
-    assert cases, "no CP strategy is available"
-    baseline = [m["loss"] for m in run(config("none", [], str(tmp_path)))]
-    assert baseline[-1] < baseline[0]
-    accum_baseline = [m["loss"] for m in run(config("none", ["train.grad_accum=2"], str(tmp_path)))]
-    cases.append(("none", ["parallel.dp=2"]))
-    configs = [config(s, extra, str(tmp_path)) for s, extra in cases]
+    baselines = {}
+    for _, _, base in CASES:
+        if tuple(base) not in baselines:
+            baselines[tuple(base)] = [m["loss"] for m in run(config("none", base, str(tmp_path)))]
+    assert all(losses[-1] < losses[0] for losses in baselines.values())
+    configs = [config(strategy, extra, str(tmp_path)) for strategy, extra, _ in CASES]
     per_rank = run_ranks(train_each, 2, configs)
-    for (strategy, extra), rank0, rank1 in zip(cases, *per_rank):
+    for (strategy, extra, base), rank0, rank1 in zip(CASES, *per_rank):
         assert rank0 == rank1, f"{strategy} {extra}: ranks disagree on the logged loss"
-        want = accum_baseline if strategy == "none" else baseline
-        assert rank0 == pytest.approx(want, abs=1e-4), f"{strategy} {extra}"
-    missing = sorted({s for s, _ in CASES} - {s for s, _ in cases})
-    if missing:
-        pytest.xfail(f"strategies not yet in this build: {missing}; the others matched")
+        assert rank0 == pytest.approx(baselines[tuple(base)], abs=1e-4), f"{strategy} {extra}"
