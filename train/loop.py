@@ -119,7 +119,7 @@ def run(cfg) -> list[dict]:
     peak = peak_flops(device, cfg.train.peak_tflops)
     seqlen, accum = cfg.data.seqlen, cfg.train.grad_accum
 
-    history = []
+    history, smooth = [], None
     bar = tqdm(range(1, cfg.train.steps + 1), disable=rank != 0 or not cfg.train.progress, desc="train", unit="step")
     for step in bar:
         t0 = time.perf_counter()
@@ -173,10 +173,12 @@ def run(cfg) -> list[dict]:
         history.append(metrics)
         if step % cfg.logger.log_every == 0 or step == cfg.train.steps:
             logger.log(metrics, step)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
+        bar.set_postfix(loss=f"{loss_value:.3f}", avg=f"{smooth:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     logger.finish()
     if rank == 0:
-        first, last = history[0], history[-1]
-        log.info("trained %d steps: loss %.3f -> %.3f, %.0f tokens/s; wandb: %s", len(history), first["loss"],
-                 last["loss"], sum(m["tokens_per_s"] for m in history) / len(history), logger.dir or "off")
+        tail = history[-max(len(history) // 10, 1):]
+        log.info("trained %d steps: loss %.3f (first step) -> %.3f (mean of the last %d), %.0f tokens/s; wandb: %s",
+                 len(history), history[0]["loss"], sum(m["loss"] for m in tail) / len(tail), len(tail),
+                 sum(m["tokens_per_s"] for m in history) / len(history), logger.dir or "off")
     return history

@@ -82,5 +82,6 @@ def test_app_trains_with_progress_bar_and_offline_wandb(tmp_path):
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
     log = (tmp_path / "main.log").read_text()
-    first, last = [float(x) for x in log.split("loss ")[1].split(",")[0].split(" -> ")]
+    summary = log.split("trained 40 steps: loss ")[1]
+    first, last = float(summary.split(" ")[0]), float(summary.split("-> ")[1].split(" ")[0])
     assert last < first - 1.0
