@@ -21,6 +21,37 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def export_submitit_env() -> None:
+    """Under Hydra's submitit launcher every Slurm task is one rank: turn the job's Slurm
+    variables into torch's env:// ones (MASTER_ADDR = first node, RANK, WORLD_SIZE, ...)."""
+    if launched_by_torchrun() or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment()
+    if env.world_size > 1:
+        env.export(set_cuda_visible_devices=False)
+
+
+def timeout_of(cfg) -> float:
+    """train.dist_timeout_s (seconds a collective may wait for a peer)."""
+    return getattr(cfg.train, "dist_timeout_s", DEFAULT_TIMEOUT_S)
+
+
+def init_from_config(cfg) -> bool:
+    """Validate the whole config for this world size, then join: no process group exists
+    while a bad setting can still raise, so every rank fails with the same ValueError."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from .loop import validate
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    export_submitit_env()
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    return init(cfg.train.device, timeout_of(cfg))
+
+
 def backend_for(device: str) -> str:
     """nccl when the run uses CUDA, gloo on CPU."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())

@@ -126,6 +126,19 @@ class DeepSpeedEngine(Engine):
         norm = self.ds.get_global_grad_norm() if own_norm is None else own_norm
         return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
 
+    def skip_step(self) -> None:
+        """Drop this step's gradients (non-finite loss). ZeRO 1-3 do it themselves: their
+        overflow check finds the non-finite gradients, clears them and skips the optimizer and
+        LR step. ZeRO-0 would apply them, so its gradients are dropped here."""
+        if self.stage == 0:
+            self.ds.zero_grad()
+            return
+        skipped = self.ds.skipped_steps
+        self.ds.step()
+        if self.ds.skipped_steps == skipped:
+            raise FloatingPointError("the loss was not finite but DeepSpeed found finite gradients and applied the "
+                                     "step; use faults.nan_policy=raise or rewind")
+
     def state_dict(self) -> dict:
         """Model (gathered), this rank's optimizer partition, scheduler."""
         return {"model": self.ds.module_state_dict(), "optimizer": self.ds.optimizer.state_dict(),
