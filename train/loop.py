@@ -69,7 +69,8 @@ def validate(cfg, world: int) -> ParallelDims:
     if t.mask not in MASKS:
         raise ValueError(f"train.mask={t.mask!r} is unknown; choose one of {', '.join(MASKS)}")
     if (t.mask == "window") != (t.window is not None):
-        raise ValueError(f"train.window={t.window} goes with train.mask=window (got train.mask={t.mask})")
+        raise ValueError(f"train.mask={t.mask} with train.window={t.window}: train.mask=window needs "
+                         f"train.window=<tokens>, and train.window is only for train.mask=window")
     if p.strategy not in parallel.STRATEGIES:
         raise ValueError(f"parallel.strategy={p.strategy!r} is unknown; choose one of {', '.join(parallel.STRATEGIES)}")
     if p.tp < 1 or p.dp < 1 or world % (p.tp * p.dp):
