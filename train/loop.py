@@ -75,6 +75,8 @@ def validate(cfg, world: int) -> ParallelDims:
         raise ValueError(f"parallel.strategy={p.strategy!r} is unknown; choose one of {', '.join(parallel.STRATEGIES)}")
     if p.tp < 1 or p.dp < 1 or world % (p.tp * p.dp):
         raise ValueError(f"parallel.tp={p.tp} * parallel.dp={p.dp} must divide the number of ranks ({world})")
+    if p.tp > 1 and cfg.engine.name != "megatron":
+        raise ValueError(f"parallel.tp={p.tp} needs engine=megatron (engine={cfg.engine.name} has no tensor parallelism)")
     cp = world // (p.tp * p.dp) if p.cp is None else p.cp
     if p.strategy == "none" and cp != 1:
         raise ValueError(
@@ -104,15 +106,13 @@ def run(cfg) -> list[dict]:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     dims = validate(cfg, world)
     device, amp_dtype = resolve_device(cfg.train)
-    groups = dims.build() if distributed else None
-    dp_rank = groups.dp_rank if groups else 0
-    cp_group = groups.cp_group if groups else None
-
-    loader = build_loader(cfg.data, cfg.train.seed, dp_rank, dims.dp)
+    loader = build_loader(cfg.data, cfg.train.seed, dims.coordinates(rank)[0], dims.dp)
     vocab = cfg.model.vocab_size or loader.corpus.vocab_size
     if vocab < loader.corpus.vocab_size:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({loader.corpus.vocab_size})")
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+    groups = dims.build() if distributed else None  # the first collective: every check is above
+    cp_group = groups.cp_group if groups else None
     torch.manual_seed(cfg.train.seed)
     model = Llama(model_cfg).to(device)
     engine = engines.build(cfg.engine.name, model, cfg, groups)
