@@ -63,6 +63,7 @@ def test_warmup_then_cosine():
     (["parallel.dp=3"], 2, "parallel.dp"),
     ([], 2, "parallel.strategy=none with cp=2"),
     (["parallel=ring", "parallel.cp=4"], 2, r"tp\*cp=1\*4"),
+    (["parallel=ring", "parallel.tp=2"], 2, "engine=megatron"),
 ])
 def test_bad_settings_raise_value_error_naming_them(overrides, world, match):
     with pytest.raises(ValueError, match=match):
