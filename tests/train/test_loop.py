@@ -86,3 +86,19 @@ def test_app_trains_with_progress_bar_and_offline_wandb(tmp_path):
     summary = log.split("trained 40 steps: loss ")[1]
     first, last = float(summary.split(" ")[0]), float(summary.split("-> ")[1].split(" ")[0])
     assert last < first - 1.0
+
+
+def test_trains_on_a_prepared_token_folder(tmp_path):
+    from scripts.prepare_data import prepare
+    from train.loop import run
+
+    (tmp_path / "in").mkdir()
+    for i in range(5):
+        (tmp_path / "in" / f"{i}.txt").write_text(f"document {i}: " + "abc " * (10 + 7 * i))
+    prepare(str(tmp_path / "in"), str(tmp_path / "tok"))
+    common = ["data.seqlen=64", "model.dim=32", "train.steps=3", "logger=disabled", "train.progress=false",
+              f"train.out_dir={tmp_path}"]
+    history = run(config("data=tokens", f"data.path={tmp_path / 'tok'}", *common))
+    assert len(history) == 3 and all(m["tokens_per_s"] > 0 for m in history)
+    with pytest.raises(ValueError, match="model.vocab_size=100"):
+        run(config("data=tokens", f"data.path={tmp_path / 'tok'}", "model.vocab_size=100", *common))
