@@ -100,3 +100,12 @@ def test_merge_of_disjoint_key_halves_equals_whole(backend, mask_name):
         assert_close(bk, expected[3][h], TOL[torch.float32], f"{backend} block dk")
         assert_close(bv, expected[4][h], TOL[torch.float32], f"{backend} block dv")
     assert_close(dq_sum, expected[2], TOL[torch.float32], f"{backend} block dq")
+
+
+def test_triton_really_runs_under_the_interpreter():
+    """The conftest's TRITON_INTERPRET=1 took effect: the kernels are interpreted functions."""
+    from triton.runtime.interpreter import InterpretedFunction
+    q, k, v = qkv(T, T, 2, 1)
+    kernels.forward(q, k, v, masks()["causal"], backend="triton")
+    from kernels import triton_kernels
+    assert isinstance(triton_kernels.fwd_kernel, InterpretedFunction)
