@@ -72,6 +72,7 @@ class TrainConfig:
     peak_tflops: float | None = None    # for MFU; None: a table of known accelerators (CPU: unknown, no MFU)
     progress: bool = True
     out_dir: str | None = None          # None: Hydra's run folder
+    dist_timeout_s: float = 600.0       # how long a collective waits for a peer before the run fails
 
 
 @dataclass

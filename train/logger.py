@@ -24,7 +24,7 @@ class WandbLogger:
             mode=cfg.mode, project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group,
             tags=list(cfg.tags), dir=run_dir, config=config, settings=wandb.Settings(console="off", silent=True),
         )
-        self.dir = self.run.dir
+        self.dir = os.path.dirname(self.run.dir)  # the offline-run-* folder (run.dir is its files/)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:

@@ -11,6 +11,7 @@ reduced the same way (sum over CP, mean over DP).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -32,6 +33,7 @@ from .logger import WandbLogger
 from .metrics import attention_pairs, peak_flops, peak_memory_mb, throughput
 
 MASKS = ("causal", "document", "window")
+log = logging.getLogger(__name__)
 
 
 def resolve_device(tcfg) -> tuple[torch.device, torch.dtype | None]:
@@ -67,7 +69,8 @@ def validate(cfg, world: int) -> ParallelDims:
     if t.mask not in MASKS:
         raise ValueError(f"train.mask={t.mask!r} is unknown; choose one of {', '.join(MASKS)}")
     if (t.mask == "window") != (t.window is not None):
-        raise ValueError(f"train.window={t.window} goes with train.mask=window (got train.mask={t.mask})")
+        raise ValueError(f"train.mask={t.mask} with train.window={t.window}: train.mask=window needs "
+                         f"train.window=<tokens>, and train.window is only for train.mask=window")
     if p.strategy not in parallel.STRATEGIES:
         raise ValueError(f"parallel.strategy={p.strategy!r} is unknown; choose one of {', '.join(parallel.STRATEGIES)}")
     if p.tp < 1 or p.dp < 1 or world % (p.tp * p.dp):
@@ -117,7 +120,7 @@ def run(cfg) -> list[dict]:
     peak = peak_flops(device, cfg.train.peak_tflops)
     seqlen, accum = cfg.data.seqlen, cfg.train.grad_accum
 
-    history = []
+    history, smooth = [], None
     bar = tqdm(range(1, cfg.train.steps + 1), disable=rank != 0 or not cfg.train.progress, desc="train", unit="step")
     for step in bar:
         t0 = time.perf_counter()
@@ -171,6 +174,12 @@ def run(cfg) -> list[dict]:
         history.append(metrics)
         if step % cfg.logger.log_every == 0 or step == cfg.train.steps:
             logger.log(metrics, step)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
+        bar.set_postfix(loss=f"{loss_value:.3f}", avg=f"{smooth:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     logger.finish()
+    if rank == 0:
+        tail = history[-max(len(history) // 10, 1):]
+        log.info("trained %d steps: loss %.3f (first step) -> %.3f (mean of the last %d), %.0f tokens/s; wandb: %s",
+                 len(history), history[0]["loss"], sum(m["loss"] for m in tail) / len(tail), len(tail),
+                 sum(m["tokens_per_s"] for m in history) / len(history), logger.dir or "off")
     return history
