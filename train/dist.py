@@ -33,11 +33,6 @@ def export_submitit_env() -> None:
         env.export(set_cuda_visible_devices=False)
 
 
-def timeout_of(cfg) -> float:
-    """train.dist_timeout_s (seconds a collective may wait for a peer)."""
-    return getattr(cfg.train, "dist_timeout_s", DEFAULT_TIMEOUT_S)
-
-
 def init_from_config(cfg) -> bool:
     """Validate the whole config for this world size, then join: no process group exists
     while a bad setting can still raise, so every rank fails with the same ValueError."""
@@ -49,7 +44,7 @@ def init_from_config(cfg) -> bool:
         cfg = OmegaConf.to_object(cfg)
     export_submitit_env()
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    return init(cfg.train.device, timeout_of(cfg))
+    return init(cfg.train.device, cfg.train.dist_timeout_s)
 
 
 def backend_for(device: str) -> str:
@@ -61,7 +56,7 @@ def backend_for(device: str) -> str:
 def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Join the process group torchrun describes (env://); False for a single process."""
     if timeout_s is None or timeout_s <= 0:
-        raise ValueError(f"dist timeout_s={timeout_s} must be a positive number of seconds")
+        raise ValueError(f"train.dist_timeout_s={timeout_s} must be a positive number of seconds")
     if not launched_by_torchrun() or dist.is_initialized():
         return False
     backend = backend_for(device)
