@@ -1,9 +1,11 @@
 """Joining and leaving the torchrun process group.
 
 `init` picks the backend (nccl on CUDA, gloo on CPU) and sets the collective timeout, so a
-peer that died or hangs ends the job with a clear error after `timeout_s` instead of
-blocking forever; `shutdown` leaves cleanly. `describe_timeout` turns a backend's timeout
-error into a message that says what happened and which setting to change.
+peer that died or hangs ends the job with a clear error after train.dist_timeout_s instead
+of blocking forever; `shutdown` leaves cleanly. `describe_timeout` turns a backend's
+timeout or lost-peer error into a message that says what happened and which setting to
+change. Under torchrun, a rank that dies makes the agent restart the whole group
+(--max-restarts), and the restarted ranks resume from the newest checkpoint.
 """
 from __future__ import annotations
 
@@ -77,15 +79,19 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+PEER_FAILURE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
 def is_timeout(error: BaseException) -> bool:
-    text = str(error).lower()
-    return isinstance(error, (dist.DistBackendError, RuntimeError)) and ("timed out" in text or "timeout" in text)
+    """Whether a collective failed because a peer is gone or too slow (not a bug of ours)."""
+    return any(text in str(error).lower() for text in PEER_FAILURE)
 
 
 def describe_timeout(error: BaseException, step: int, timeout_s: float) -> str:
     rank = dist.get_rank() if dist.is_initialized() else 0
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (
-        f"rank {rank}: a collective did not complete within {timeout_s:.0f}s at step {step}: a peer rank "
-        f"died or hangs (see the other ranks' logs). Raise train.dist_timeout_s if steps are legitimately "
-        f"that slow. Backend said: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        f"rank {rank}: a collective failed at step {step}: a peer rank died, or hung for longer than "
+        f"train.dist_timeout_s={timeout_s:g}s (see the other ranks' logs; raise train.dist_timeout_s if "
+        f"steps are legitimately that slow). Backend said: {first_line}"
     )
