@@ -74,7 +74,7 @@ def test_four_ranks_tp_x_cp_and_zero_dp_x_cp_match_single_process(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, world, match", [
-    (["engine=deepspeed", "engine.options.zero_stage=4"], 2, "engine.options.zero_stage=4 must be one of 0, 1, 2, 3"),
+    (["engine=deepspeed", "engine.options.zero_stage=4", "parallel.dp=2"], 2, "engine.options.zero_stage=4 must be one of 0, 1, 2, 3"),
     (["engine=megatron", "parallel.tp=3", "model.n_heads=4", "parallel.dp=1"], 3, "model.n_heads=4 is not divisible by parallel.tp=3"),
     (["engine=megatron", "parallel=ring", "parallel.tp=2", "parallel.cp=2"], 2, r"tp\*cp=2\*2"),
     (["engine=deepspeed", "parallel.tp=2"], 2, "engine=deepspeed does not do tensor parallelism"),

@@ -43,10 +43,17 @@ def offline_runs(run_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb")))
 
 
-def read_run(path: str) -> dict:
-    """{'history': [ {key: json value} per logged step ], 'config': {key: json value}}."""
-    import json
+def read_run(path: str, wait_s: float = 30.0) -> dict:
+    """{'history': [ {key: json value} per logged step ], 'config': {key: json value}}.
 
+    wandb's service may still be writing the log when run.finish() has returned; wait (up
+    to wait_s) for the run's exit record."""
+    import json
+    import time
+
+    deadline = time.time() + wait_s
+    while not any(r.WhichOneof("record_type") == "exit" for r in records(path)) and time.time() < deadline:
+        time.sleep(0.2)
     history, config = [], {}
     for r in records(path):
         kind = r.WhichOneof("record_type")
