@@ -116,8 +116,18 @@ class Checkpointer:
         self.root = cfg.dir if os.path.isabs(cfg.dir) or run_dir is None else os.path.join(run_dir, cfg.dir)
 
     def resume(self, engine) -> dict | None:
-        """Load the chosen checkpoint into engine and this rank's RNG; return its client state."""
-        path = self._choose()
+        """Load the checkpoint cfg.resume names (or the newest, for 'auto') into engine and this
+        rank's RNG; return its client state, or None when there is nothing to resume."""
+        return self._load(self._choose(self.cfg.resume), engine)
+
+    def rewind(self, engine) -> dict:
+        """Load the newest complete checkpoint whatever cfg.resume says (faults.nan_policy=rewind)."""
+        client_state = self._load(self._choose("auto"), engine)
+        if client_state is None:
+            raise FloatingPointError(f"faults.nan_policy=rewind found no complete checkpoint in {self.root} yet")
+        return client_state
+
+    def _load(self, path: str | None, engine) -> dict | None:
         if path is None:
             return None
         client_state = engine.load(path)
@@ -126,9 +136,8 @@ class Checkpointer:
             set_rng_state(torch.load(rng_file, weights_only=False))
         return client_state
 
-    def _choose(self) -> str | None:
+    def _choose(self, resume: str | None) -> str | None:
         """Rank 0 picks; everyone gets its pick, so all ranks load the same step."""
-        resume = self.cfg.resume
         if resume is None:
             return None
         if resume != "auto":

@@ -1,9 +1,11 @@
 """Joining and leaving the torchrun process group.
 
 `init` picks the backend (nccl on CUDA, gloo on CPU) and sets the collective timeout, so a
-peer that died or hangs ends the job with a clear error after `timeout_s` instead of
-blocking forever; `shutdown` leaves cleanly. `describe_timeout` turns a backend's timeout
-error into a message that says what happened and which setting to change.
+peer that died or hangs ends the job with a clear error after train.dist_timeout_s instead
+of blocking forever; `shutdown` leaves cleanly. `describe_timeout` turns a backend's
+timeout or lost-peer error into a message that says what happened and which setting to
+change. Under torchrun, a rank that dies makes the agent restart the whole group
+(--max-restarts), and the restarted ranks resume from the newest checkpoint.
 """
 from __future__ import annotations
 
@@ -33,11 +35,6 @@ def export_submitit_env() -> None:
         env.export(set_cuda_visible_devices=False)
 
 
-def timeout_of(cfg) -> float:
-    """train.dist_timeout_s (seconds a collective may wait for a peer)."""
-    return getattr(cfg.train, "dist_timeout_s", DEFAULT_TIMEOUT_S)
-
-
 def init_from_config(cfg) -> bool:
     """Validate the whole config for this world size, then join: no process group exists
     while a bad setting can still raise, so every rank fails with the same ValueError."""
@@ -49,7 +46,7 @@ def init_from_config(cfg) -> bool:
         cfg = OmegaConf.to_object(cfg)
     export_submitit_env()
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    return init(cfg.train.device, timeout_of(cfg))
+    return init(cfg.train.device, cfg.train.dist_timeout_s)
 
 
 def backend_for(device: str) -> str:
@@ -61,7 +58,7 @@ def backend_for(device: str) -> str:
 def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Join the process group torchrun describes (env://); False for a single process."""
     if timeout_s is None or timeout_s <= 0:
-        raise ValueError(f"dist timeout_s={timeout_s} must be a positive number of seconds")
+        raise ValueError(f"train.dist_timeout_s={timeout_s} must be a positive number of seconds")
     if not launched_by_torchrun() or dist.is_initialized():
         return False
     backend = backend_for(device)
@@ -82,15 +79,19 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+PEER_FAILURE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
 def is_timeout(error: BaseException) -> bool:
-    text = str(error).lower()
-    return isinstance(error, (dist.DistBackendError, RuntimeError)) and ("timed out" in text or "timeout" in text)
+    """Whether a collective failed because a peer is gone or too slow (not a bug of ours)."""
+    return any(text in str(error).lower() for text in PEER_FAILURE)
 
 
 def describe_timeout(error: BaseException, step: int, timeout_s: float) -> str:
     rank = dist.get_rank() if dist.is_initialized() else 0
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (
-        f"rank {rank}: a collective did not complete within {timeout_s:.0f}s at step {step}: a peer rank "
-        f"died or hangs (see the other ranks' logs). Raise train.dist_timeout_s if steps are legitimately "
-        f"that slow. Backend said: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        f"rank {rank}: a collective failed at step {step}: a peer rank died, or hung for longer than "
+        f"train.dist_timeout_s={timeout_s:g}s (see the other ranks' logs; raise train.dist_timeout_s if "
+        f"steps are legitimately that slow). Backend said: {first_line}"
     )
