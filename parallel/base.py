@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import MaskSpec
+
+from . import balance
+from .comm import AllGatherRows, group_layout
+
 
 @dataclass
 class CPStats:
@@ -40,12 +45,44 @@ class CPStats:
 
 class ContextParallel:
     """Base class: subclasses set `self.rank`, `self.world`, `self.index` (LongTensor of the
-    global rows this rank owns, in local order) and implement `attention`."""
+    global rows this rank owns, in local order) and implement `attention`.
+
+    `setup` does the shared, collective-free part of construction: check the mask, read the
+    group's layout, run the balancer (`self.indices[r]`: rows of CP rank r, ascending)."""
 
     name = "base"
 
     def __init__(self):
         self.stats = CPStats()
+
+    def setup(self, mask, seqlen, group, balancer, options: dict, balancers=balance.BALANCERS, single=False) -> None:
+        """single=True: one rank holds everything (no group is read)."""
+        if not isinstance(mask, MaskSpec):
+            raise ValueError(f"mask must be a kernels.MaskSpec, got {type(mask).__name__}")
+        if not isinstance(seqlen, int) or isinstance(seqlen, bool) or seqlen < 1:
+            raise ValueError(f"seqlen={seqlen!r} must be a positive integer")
+        name = balance.default_balancer(mask) if balancer is None and not single else balancer or "contiguous"
+        if name not in balancers:
+            raise ValueError(
+                f"balancer={name!r} is not supported by strategy {self.name!r}; choose one of {', '.join(balancers)}"
+            )
+        self.mask, self.seqlen, self.balancer = mask, seqlen, name
+        self.rank, self.world, self.ranks = (0, 1, [0]) if single else group_layout(group)
+        self.group = group
+        if self.world > 1 and group is None:
+            import torch.distributed as dist
+
+            self.group = dist.group.WORLD
+        balancer_options = {k: options.pop(k) for k in ("stripe",) if k in options}
+        self.indices = balance.assign(name, seqlen, self.world, mask, **balancer_options)
+        self.index = self.indices[self.rank]
+        self.backend = options.pop("backend", "auto")
+        self.scale = options.pop("scale", None)
+
+    @staticmethod
+    def reject_unknown(options: dict, strategy: str) -> None:
+        if options:
+            raise ValueError(f"strategy {strategy!r} got unknown option(s) {', '.join(sorted(options))}")
 
     @property
     def positions(self) -> torch.Tensor:
@@ -57,7 +94,26 @@ class ContextParallel:
         return x.index_select(0, self.index.to(x.device))
 
     def unshard(self, x_local: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """All ranks' rows back in global order (differentiable: backward reduce-scatters)."""
+        if x_local.shape[0] != self.index.numel():
+            raise ValueError(f"unshard expects [{self.index.numel()}, ...] local rows, got {tuple(x_local.shape)}")
+        rows = AllGatherRows.apply(x_local, self.group) if self.world > 1 else x_local
+        order = torch.argsort(torch.cat(self.indices)).to(rows.device)
+        return rows.index_select(0, order)
+
+    def check_inputs(self, q, k, v) -> None:
+        """Shape checks every rank makes before any collective (shapes agree across ranks)."""
+        from kernels.api import validate
+
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != self.index.numel():
+                raise ValueError(f"{name} must be [{self.index.numel()} local rows, heads, head_dim], got "
+                                 f"{tuple(getattr(t, 'shape', ()))}")
+        validate(q, k, v, self.mask, self.index, self.index, self.scale)
 
     def attention(self, q, k, v):
+        return self.attention_with_lse(q, k, v)[0]
+
+    def attention_with_lse(self, q, k, v):
+        """(out, lse) of the local query rows; lse [Hq, T_local] float32 (float64 for float64)."""
         raise NotImplementedError

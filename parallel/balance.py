@@ -1,0 +1,131 @@
+"""Sequence balancers: which global rows each CP rank owns, and how much attention that is.
+
+A balancer is a pure function `(seqlen, world, doc_lens) -> [LongTensor per rank]` of
+global row indices, ascending on every rank, that together cover every row exactly once
+with the same count on every rank (equal shards are what lets ring, all-gather and
+Ulysses exchange fixed-size buffers).
+
+- contiguous: rank r owns [r*T/P, (r+1)*T/P).  Balanced for full/document masks only.
+- headtail (zigzag): 2P equal chunks; rank r owns chunks r and 2P-1-r, so under a causal
+  mask every rank holds one cheap and one expensive chunk.
+- stripe: stripes of `stripe` tokens dealt round-robin (stripe=1: token i -> rank i % P).
+- per_doc: head-tail inside every document.  A document of length L gives each rank two
+  mirrored pieces of floor(L / 2P) tokens; the rows left over (the middle L mod 2P of every
+  document, so whole documents shorter than 2P) are pooled in global order and dealt
+  head-tail as one sequence, which keeps shards equal.
+
+Default (balancer=None): per_doc for causal/window masks with documents, headtail for
+causal/window masks without, contiguous otherwise.
+
+`pair_counts` counts the (query, key) pairs a mask allows between two row sets without a
+dense matrix: for every query the allowed keys form one interval of positions (document
+start or window start .. query or document end), counted with a binary search.
+"""
+from __future__ import annotations
+
+import torch
+
+BALANCERS = ("contiguous", "headtail", "stripe", "per_doc")
+
+
+def _check(name: str, seqlen: int, world: int, multiple: int) -> None:
+    if not isinstance(seqlen, int) or seqlen < 1:
+        raise ValueError(f"seqlen={seqlen!r} must be a positive integer")
+    if seqlen % multiple:
+        raise ValueError(
+            f"balancer={name!r} needs seqlen divisible by {multiple} for a CP size of {world}, got "
+            f"seqlen={seqlen}; pad the sequence to a multiple of {multiple} or pick another balancer"
+        )
+
+
+def contiguous(seqlen: int, world: int, doc_lens=None) -> list[torch.Tensor]:
+    _check("contiguous", seqlen, world, world)
+    return list(torch.arange(seqlen).view(world, -1).unbind(0))
+
+
+def headtail(seqlen: int, world: int, doc_lens=None) -> list[torch.Tensor]:
+    _check("headtail", seqlen, world, 2 * world)
+    chunks = torch.arange(seqlen).view(2 * world, -1)
+    return [torch.cat([chunks[r], chunks[2 * world - 1 - r]]) for r in range(world)]
+
+
+def stripe(seqlen: int, world: int, doc_lens=None, *, stripe: int = 1) -> list[torch.Tensor]:
+    if not isinstance(stripe, int) or stripe < 1:
+        raise ValueError(f"stripe={stripe!r} must be a positive integer (tokens per stripe)")
+    _check("stripe", seqlen, world, world * stripe)
+    stripes = torch.arange(seqlen).view(-1, world, stripe)  # [round, rank, token]
+    return [stripes[:, r].reshape(-1) for r in range(world)]
+
+
+def per_doc(seqlen: int, world: int, doc_lens=None) -> list[torch.Tensor]:
+    _check("per_doc", seqlen, world, 2 * world)
+    lens = [seqlen] if doc_lens is None else [int(n) for n in doc_lens]
+    if sum(lens) != seqlen:
+        raise ValueError(f"per_doc: document lengths sum to {sum(lens)} but seqlen={seqlen}")
+    owned = [[] for _ in range(world)]
+    leftover = []
+    start = 0
+    for length in lens:
+        piece = length // (2 * world)
+        for r in range(world):
+            owned[r].append(torch.arange(start + r * piece, start + (r + 1) * piece))
+            owned[r].append(torch.arange(start + length - (r + 1) * piece, start + length - r * piece))
+        leftover.append(torch.arange(start + world * piece, start + length - world * piece))
+        start += length
+    pool = torch.cat(leftover)
+    for r, rows in enumerate(headtail(pool.numel(), world) if pool.numel() else [None] * world):
+        if rows is not None:
+            owned[r].append(pool[rows])
+    return [torch.sort(torch.cat(rows)).values for rows in owned]
+
+
+def default_balancer(mask) -> str:
+    if mask.is_causal:
+        return "per_doc" if mask.has_docs else "headtail"
+    return "contiguous"
+
+
+def assign(balancer: str | None, seqlen: int, world: int, mask, **options) -> list[torch.Tensor]:
+    """Rows of every rank for the named balancer (None: the mask's default)."""
+    name = default_balancer(mask) if balancer is None else balancer
+    fns = {"contiguous": contiguous, "headtail": headtail, "stripe": stripe, "per_doc": per_doc}
+    if name not in fns:
+        raise ValueError(f"balancer={name!r} is unknown; choose one of {', '.join(BALANCERS)} (or None)")
+    if mask.has_docs and mask.seqlen != seqlen:
+        raise ValueError(f"the mask's documents cover {mask.seqlen} tokens but seqlen={seqlen}")
+    extra = {"stripe": options["stripe"]} if name == "stripe" and "stripe" in options else {}
+    return fns[name](seqlen, world, mask.doc_lens, **extra)
+
+
+def key_intervals(mask, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive [lo, hi] range of key positions each query position may attend."""
+    q_pos = q_pos.to("cpu", torch.long)
+    big = torch.iinfo(torch.long).max
+    lo = torch.zeros_like(q_pos)
+    hi = torch.full_like(q_pos, big)
+    if mask.has_docs:
+        starts = mask.cu_doc_starts
+        n = starts.numel()
+        lens = torch.tensor(mask.doc_lens)
+        ends = torch.repeat_interleave(torch.cumsum(lens, 0) - 1, lens)
+        if q_pos.numel() and int(q_pos.max()) >= n:
+            raise ValueError(f"positions reach {int(q_pos.max())} but the mask's documents cover seqlen={n}")
+        lo, hi = starts[q_pos], ends[q_pos]
+    if mask.is_causal:
+        hi = torch.minimum(hi, q_pos)
+    if mask.window is not None:
+        lo = torch.maximum(lo, q_pos - mask.window + 1)
+    return lo, hi
+
+
+def pair_counts(mask, q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
+    """Allowed (query, key) pairs between the rows at q_pos and k_pos (any order)."""
+    keys = torch.sort(k_pos.to("cpu", torch.long)).values
+    lo, hi = key_intervals(mask, q_pos)
+    n = torch.searchsorted(keys, hi, right=True) - torch.searchsorted(keys, lo, right=False)
+    return int(n.clamp_min(0).sum())
+
+
+def pair_matrix(mask, index: list[torch.Tensor]) -> list[list[int]]:
+    """pairs[r][j]: allowed pairs between rank r's queries and rank j's keys."""
+    return [[pair_counts(mask, qr, kj) for kj in index] for qr in index]

@@ -1,0 +1,95 @@
+"""Ulysses: all-to-all from sequence shards to head shards, full-sequence attention, back.
+
+Invariant.  Before the kernel, rank u of a degree-U group holds every group member's rows
+(in member order, positions `cat(indices)`) for its 1/U of the heads; attention over
+heads is independent, so the kernel's result on those heads is exact, and the reverse
+all-to-all returns each rank its rows for all heads.  GQA: when U exceeds Hkv, K/V heads
+are repeated the fewest times that make their count a multiple of U (each query head
+still meets its own K/V head); autograd sums the copies' gradients back.
+
+The exchange pieces (`HeadExchange`) are shared with the hybrid `usp` strategy.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import kernels
+
+from .balance import pair_counts
+from .base import ContextParallel, CPStats
+from .comm import all_to_all, nbytes
+
+
+class HeadExchange:
+    """All-to-all between U ranks (global `peers`, this one at `me`) over `group` (or P2P)."""
+
+    def __init__(self, peers, me, group):
+        self.peers, self.me, self.group, self.degree = list(peers), me, group, len(peers)
+
+    def kv_repeats(self, hq: int, hkv: int) -> int:
+        """How many times each K/V head is repeated so the degree divides the K/V heads."""
+        u = self.degree
+        if hq % u:
+            raise ValueError(f"ulysses_degree={u} must divide the query heads Hq={hq}; choose a degree dividing {hq}")
+        rep = u // math.gcd(hkv, u)
+        if hq % (hkv * rep):
+            raise ValueError(
+                f"ulysses_degree={u} cannot serve Hq={hq}, Hkv={hkv}: repeating K/V heads {rep}x gives "
+                f"{hkv * rep} heads, which do not divide Hq; choose a degree dividing Hkv or Hq/Hkv*Hkv"
+            )
+        return rep
+
+    def to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, H, D] local rows -> [U*T, H/U, D]: every member's rows, this rank's heads."""
+        t, h, d = x.shape
+        chunks = x.view(t, self.degree, h // self.degree, d).transpose(0, 1).contiguous()
+        return all_to_all(chunks, group=self.group, peers=self.peers, me=self.me).view(-1, h // self.degree, d)
+
+    def to_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_heads`: [U*T, H/U, D] -> [T, H, D]."""
+        n, h, d = y.shape
+        back = all_to_all(y.contiguous().view(self.degree, n // self.degree, h, d), group=self.group,
+                          peers=self.peers, me=self.me)
+        return back.transpose(0, 1).reshape(n // self.degree, h * self.degree, d)
+
+    def bytes_moved(self, q, k) -> int:
+        """Bytes one rank sends (= receives) in one pass: q, k, v (K/V heads as repeated)
+        to head shards, the output back.  The backward moves the same amounts reversed."""
+        return (self.degree - 1) * (2 * nbytes(q.shape, q.dtype) + 2 * nbytes(k.shape, k.dtype)) // self.degree
+
+
+class Ulysses(ContextParallel):
+    name = "ulysses"
+
+    def __init__(self, mask, seqlen, *, group=None, mesh=None, balancer=None, **options):
+        super().__init__()
+        self.setup(mask, seqlen, group, balancer, options)
+        heads = (options.pop("num_heads", None), options.pop("num_kv_heads", None))
+        self.reject_unknown(options, self.name)
+        self.exchange = HeadExchange(self.ranks, self.rank, self.group)
+        if heads[0] is not None:
+            self.exchange.kv_repeats(heads[0], heads[1] or heads[0])
+        self.all_pos = torch.cat(self.indices)
+        self.total_pairs = pair_counts(mask, self.all_pos, self.all_pos)
+
+    def attention(self, q, k, v):
+        return self._run(q, k, v, with_lse=False)[0]
+
+    def attention_with_lse(self, q, k, v):
+        return self._run(q, k, v, with_lse=True)
+
+    def _run(self, q, k, v, with_lse):
+        self.check_inputs(q, k, v)
+        rep = self.exchange.kv_repeats(q.shape[1], k.shape[1])
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        qh, kh, vh = (self.exchange.to_heads(t) for t in (q, k, v))
+        out, lse = kernels.attention(qh, kh, vh, self.mask, q_pos=self.all_pos, k_pos=self.all_pos,
+                                     scale=self.scale, backend=self.backend)
+        lse_rows = self.exchange.to_rows(lse.t().unsqueeze(-1)).squeeze(-1).t() if with_lse else None
+        moved = self.exchange.bytes_moved(q, k)
+        self.stats = CPStats([moved] * self.world, [moved] * self.world, [self.total_pairs // self.world] * self.world)
+        self.stats.extra["bytes_bwd_sent"] = self.stats.extra["bytes_bwd_recv"] = [moved] * self.world
+        return self.exchange.to_rows(out), lse_rows
