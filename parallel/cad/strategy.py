@@ -1,0 +1,128 @@
+"""The `cad` context-parallel strategy (contract 2 of DESIGN.md).
+
+Rank r keeps tokens [r*T, (r+1)*T) for everything but core attention.  At construction every
+rank plans the same tasks (the planner is deterministic) and checks, with one all_gather of
+a plan fingerprint, that all ranks agree.  `attention` sends Q rows and K/V rows to the
+servers, runs each server's tasks as one kernel call, and sends the outputs back; autograd
+reverses it (dO out, dQ/dK/dV back, dK/dV of keys held by several servers summed).
+With `pingpong=True` the tasks are split into two nano-batches whose communication and
+compute overlap (see pingpong.py).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from .. import base
+from . import intervals as iv
+from .dispatch import Route, exchange, layout
+from .pingpong import PingPong, nano_batches
+from .planner import plan
+from .server import serve
+from .tasks import MaskKind
+
+
+def _traffic(p, q_bytes, kv_bytes):
+    """Forward bytes (sent, received) per rank: Q and K/V to servers, outputs back."""
+    world, tpr = p.world, p.tokens_per_rank
+    sent, recv = [0] * world, [0] * world
+    for s in range(world):
+        for o in range(world):
+            if o == s:
+                continue
+            q = iv.size(iv.clip(p.q_rows[s], o * tpr, (o + 1) * tpr))
+            kv = iv.size(iv.clip(p.kv_rows[s], o * tpr, (o + 1) * tpr))
+            sent[o] += q * q_bytes + kv * kv_bytes
+            recv[s] += q * q_bytes + kv * kv_bytes
+            sent[s] += q * q_bytes  # outputs return to their owner
+            recv[o] += q * q_bytes
+    return sent, recv
+
+
+class CAD(base.ContextParallel):
+    name = "cad"
+
+    def __init__(self, mask, seqlen, *, group=None, mesh=None, balancer=None, epsilon=0.1,
+                 backend="auto", pingpong=False, task_overhead_pairs=None, scale=None):
+        super().__init__()
+        self.group = group if group is not None else (mesh.get_group() if mesh is not None else None)
+        self.rank = dist.get_rank(self.group)
+        self.world = dist.get_world_size(self.group)
+        self.mask, self.seqlen, self.backend, self.scale = mask, seqlen, backend, scale
+        self.pingpong = bool(pingpong)
+        error, fingerprint = None, -1
+        try:
+            self.plan = self._plan(balancer, epsilon, task_overhead_pairs)
+            fingerprint = self.plan.fingerprint()
+        except ValueError as e:
+            error = e
+        self._check_agreement(error, fingerprint)
+        tpr = seqlen // self.world
+        self.index = torch.arange(self.rank * tpr, (self.rank + 1) * tpr)
+        self.layout = layout(self.plan.q_rows, self.plan.kv_rows, self.rank, tpr)
+        self.nanos = [layout(q, kv, self.rank, tpr) for q, kv in nano_batches(self.plan, 2)] if self.pingpong else None
+
+    def _plan(self, balancer, epsilon, task_overhead_pairs):
+        if balancer not in (None, "cad"):
+            raise ValueError(f"balancer={balancer!r}: the cad strategy plans its own tasks; leave balancer unset or 'cad'")
+        if not isinstance(self.seqlen, int) or self.seqlen <= 0 or self.seqlen % self.world:
+            raise ValueError(f"seqlen={self.seqlen} must be a positive multiple of the CP group size {self.world}")
+        if self.mask.has_docs and self.mask.seqlen != self.seqlen:
+            raise ValueError(f"the mask's documents cover {self.mask.seqlen} tokens but seqlen={self.seqlen}; "
+                             "every document must fit in the batch (split or trim documents longer than seqlen)")
+        doc_lens = self.mask.doc_lens if self.mask.has_docs else [self.seqlen]
+        backend = self.backend if self.backend != "auto" else "default"
+        return plan(doc_lens, self.seqlen // self.world, MaskKind.of(self.mask), epsilon=epsilon,
+                    backend=backend, task_overhead_pairs=task_overhead_pairs)
+
+    def _check_agreement(self, error, fingerprint):
+        """One all_gather every rank enters; then every rank raises if any rank failed or
+        the plans differ, so no rank is left waiting in a later collective."""
+        mine = torch.tensor([fingerprint, 0 if error is None else 1], dtype=torch.long)
+        every = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine, group=self.group)
+        if error is not None:
+            raise error
+        bad = [r for r, t in enumerate(every) if int(t[1])]
+        if bad:
+            raise ValueError(f"cad: ranks {bad} of the CP group rejected their settings (see their errors)")
+        if len({int(t[0]) for t in every}) > 1:
+            raise ValueError("cad: ranks planned different tasks; give every rank of the CP group the same "
+                             "mask (documents, causal, window), seqlen and epsilon")
+
+    def attention(self, q, k, v):
+        tpr = self.index.numel()
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 3 or t.shape[0] != tpr:
+                raise ValueError(f"cad attention expects {name} of shape [T_local={tpr}, heads, head_dim], got {tuple(t.shape)}")
+        t0 = time.perf_counter()
+        if self.pingpong:
+            out, timing = PingPong.run(q, k, v, self)
+        else:
+            lay = self.layout
+            q_s, k_s, v_s = exchange(q, lay.q, self.group), exchange(k, lay.kv, self.group), exchange(v, lay.kv, self.group)
+            out_s, _ = serve(q_s, k_s, v_s, lay.q_pos, lay.kv_pos, self.mask, scale=self.scale, backend=self.backend)
+            out, timing = exchange(out_s, lay.back, self.group), {}
+        self._record(q, k, time.perf_counter() - t0, timing)
+        return out
+
+    def _record(self, q, k, seconds, timing):
+        p = self.plan
+        q_bytes = q.shape[1] * q.shape[2] * q.element_size()
+        kv_bytes = 2 * k.shape[1] * k.shape[2] * k.element_size()
+        self.stats.bytes_sent, self.stats.bytes_recv = _traffic(p, q_bytes, kv_bytes)
+        self.stats.pairs = list(p.pairs_after)
+        self.stats.extra = timing  # ping-pong's backward adds its timings to this dict later
+        timing.update({
+            "pairs_before": list(p.pairs_before), "pairs_after": list(p.pairs_after),
+            "pairs_imbalance_before": p.imbalance(p.pairs_before), "cost_imbalance_after": p.imbalance(p.cost_after),
+            "planner_s": p.planning_s, "attention_fwd_s": seconds, "tasks": len(p.tasks),
+        })
+
+    def unshard(self, x_local):
+        """Differentiable gather of every rank's rows: an all-to-all sending all rows to every rank."""
+        n = x_local.shape[0]
+        route = Route(torch.arange(n).repeat(self.world), [n] * self.world, [n] * self.world, None, n * self.world)
+        return exchange(x_local, route, self.group)
