@@ -10,16 +10,21 @@ Two counts drive every prediction in `parallel.simulator` and `parallel.auto`:
   (tokens per rank, heads, head_dim, element size) that `cp.stats` must reproduce exactly.
 
 Invariant: sum over ranks of pairs_per_rank == MaskSpec.pairs(all, all) for every
-balancer, because a balancer is a permutation of query rows.
+balancer, because a balancer is a permutation of query rows.  Rows come from
+`parallel.balance` (the balancers the strategies use), never from a copy here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-BALANCERS = ("contiguous", "headtail", "stripe")
+from kernels import MaskSpec
 
+from .balance import assign, key_intervals
+from .ring import RingPlan
 
 @dataclass(frozen=True)
 class Layout:
@@ -35,59 +40,76 @@ class Layout:
         if self.hkv < 1 or self.hq % self.hkv:
             raise ValueError(f"hq={self.hq} must be a multiple of hkv={self.hkv} (GQA)")
 
-
-def doc_starts(seqlen: int, doc_lens) -> np.ndarray:
-    """Start position of the document of every global position (zeros without documents)."""
-    if doc_lens is None:
-        return np.zeros(seqlen, dtype=np.int64)
-    lens = np.asarray(list(doc_lens), dtype=np.int64)
-    if lens.sum() != seqlen or (lens <= 0).any():
-        raise ValueError(f"doc_lens must be positive and sum to seqlen={seqlen}, got sum {int(lens.sum())}")
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    return np.repeat(starts, lens)
-
-
-def keys_per_query(seqlen: int, *, causal: bool, doc_lens=None, window: int | None = None) -> np.ndarray:
-    """keys(i): number of keys query i may attend (int64 [seqlen]).
-
-    causal (or window):  keys(i) = i - max(doc_start(i), i - window + 1) + 1
-    bidirectional:       keys(i) = length of i's document (seqlen without documents)
-    """
-    pos = np.arange(seqlen, dtype=np.int64)
-    start = doc_starts(seqlen, doc_lens)
-    if causal or window is not None:
-        if window is not None:
-            start = np.maximum(start, pos - window + 1)
-        return pos - start + 1
-    if doc_lens is None:
-        return np.full(seqlen, seqlen, dtype=np.int64)
-    lens = np.asarray(list(doc_lens), dtype=np.int64)
-    return np.repeat(lens, lens)
+    @property
+    def acc_bytes(self) -> int:
+        """Element size of float32 gradient accumulators (float64 stays float64)."""
+        return 8 if self.elem_bytes == 8 else 4
 
 
 def mask_keys(mask, seqlen: int) -> np.ndarray:
-    """keys_per_query for a kernels.MaskSpec."""
-    return keys_per_query(seqlen, causal=mask.causal, doc_lens=mask.doc_lens, window=mask.window)
+    """keys(i): number of keys query i may attend, int64 [seqlen], from the mask's key
+    interval [lo, hi] of every query (document start / window start .. query / document end)."""
+    lo, hi = key_intervals(mask, torch.arange(seqlen))
+    return (hi.clamp_max(seqlen - 1) - lo + 1).clamp_min(0).numpy()
 
 
-def balancer_rows(balancer: str, seqlen: int, world: int) -> list[np.ndarray]:
-    """Global query rows each rank owns under a standard balancer.
+def keys_per_query(seqlen: int, *, causal: bool, doc_lens=None, window: int | None = None) -> np.ndarray:
+    """mask_keys for a mask given by its parts (documents as lengths)."""
+    mask = MaskSpec.from_doc_lens(doc_lens, causal=causal, window=window) if doc_lens is not None \
+        else MaskSpec(causal=causal, window=window)
+    return mask_keys(mask, seqlen)
 
-    contiguous: rank r owns [r*T/P, (r+1)*T/P);  headtail (zigzag): chunks of T/(2P), rank r
-    owns chunks r and 2P-1-r;  stripe: rank r owns r, r+P, r+2P, ...
+
+def balancer_rows(balancer: str | None, seqlen: int, world: int, mask=None) -> list[np.ndarray]:
+    """Global query rows of every rank under a balancer of `parallel.balance` (numpy)."""
+    mask = MaskSpec(causal=True) if mask is None else mask
+    return [r.numpy() for r in assign(balancer, seqlen, world, mask)]
+
+
+def ring_reach(mask, seqlen: int, rows: list[np.ndarray]) -> list[int]:
+    """reach[j]: the last ring offset t at which rank j's K/V block is still needed, i.e. the
+    largest t such that rank (j + t) % P owns a query that sees a key of block j (-1: none).
+
+    A run of consecutive keys [a, b] is seen exactly by the queries in [a, end(b)] (causal:
+    end = document end / window end / sequence end of key b) or [doc_start(a), doc_end(b)]
+    (bidirectional), so only the owners of that interval matter; they are found on the runs
+    of the owner map, never token by token.
     """
-    if balancer not in BALANCERS:
-        raise ValueError(f"balancer={balancer!r} has no closed form here; choose one of {', '.join(BALANCERS)}")
-    div = 2 * world if balancer == "headtail" else world
-    if seqlen % div:
-        raise ValueError(f"seqlen={seqlen} must be divisible by {div} for balancer={balancer} on {world} ranks")
-    if balancer == "contiguous":
-        return [np.arange(r * seqlen // world, (r + 1) * seqlen // world) for r in range(world)]
-    if balancer == "stripe":
-        return [np.arange(r, seqlen, world) for r in range(world)]
-    c = seqlen // (2 * world)
-    return [np.concatenate([np.arange(r * c, (r + 1) * c), np.arange((2 * world - 1 - r) * c, (2 * world - r) * c)])
-            for r in range(world)]
+    world = len(rows)
+    owner = np.empty(seqlen, dtype=np.int64)
+    for r, idx in enumerate(rows):
+        owner[idx] = r
+    run_start = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    run_owner = owner[run_start]
+    lo_all, hi_all = (t.numpy() for t in key_intervals(mask, torch.arange(seqlen)))
+    doc_lo = lo_all if not mask.is_causal else None
+    # causal: the last query that sees key k is where the window or the document closes
+    last_seer = _last_seer(mask, seqlen) if mask.is_causal else np.minimum(hi_all, seqlen - 1)
+    reach = []
+    for j, idx in enumerate(rows):
+        cut = np.flatnonzero(np.diff(idx) != 1)
+        starts, ends = idx[np.r_[0, cut + 1]], idx[np.r_[cut, idx.size - 1]]
+        offsets = []
+        for a, b in zip(starts, ends):
+            lo = a if mask.is_causal else doc_lo[a]
+            hi = last_seer[b]
+            first = np.searchsorted(run_start, lo, side="right") - 1
+            last = np.searchsorted(run_start, hi, side="right") - 1
+            offsets.append(((run_owner[first:last + 1] - j) % world).max())
+        reach.append(int(max(offsets)) if offsets else -1)
+    return reach
+
+
+def _last_seer(mask, seqlen: int) -> np.ndarray:
+    """Causal masks: the largest query position that sees key k (document end / window)."""
+    pos = np.arange(seqlen)
+    last = np.full(seqlen, seqlen - 1)
+    if mask.has_docs:
+        lens = np.asarray(mask.doc_lens)
+        last = np.repeat(np.cumsum(lens) - 1, lens)
+    if mask.window is not None:
+        last = np.minimum(last, pos + mask.window - 1)
+    return last
 
 
 def pairs_per_rank(keys: np.ndarray, rows: list[np.ndarray]) -> list[int]:
@@ -108,37 +130,45 @@ def attention_flops(pairs: int, hq: int, head_dim: int, backward: bool = False) 
     return 2.5 * fwd if backward else fwd
 
 
-def bytes_sent(strategy: str, lay: Layout, world: int, *, ulysses_degree: int | None = None) -> dict[str, int]:
-    """Bytes one rank sends in one attention call: {"fwd": ..., "bwd": ...}.
+def bytes_sent(strategy: str, lay: Layout, world: int, *, reach: list[int] | None = None,
+               ulysses_degree: int | None = None) -> dict[str, list[int]]:
+    """Bytes each rank sends in one attention call: {"fwd": [per rank], "bwd": [per rank]}.
 
-    With P ranks, L = seqlen / P local tokens, kv = L * Hkv * D * elem (one of K or V):
-      ring:      fwd (P-1) * 2kv (K and V passed P-1 hops);
-                 bwd (P-1) * 2kv (K, V again) + (P-1) * 2kv (dK, dV travel with them) = 4(P-1)kv
-      allgather: fwd all-gather of K, V: (P-1) * 2kv;  bwd reduce-scatter of dK, dV: (P-1) * 2kv
-      ulysses:   all-to-all keeps 1/P of every tensor local; fwd sends Q, K, V and the output,
-                 bwd sends dO and dQ, dK, dV:  each = (P-1)/P * L * (2 Hq + 2 Hkv) * D * elem
-      usp:       ulysses over u ranks on L tokens, then ring over r = P/u ranks on u*L tokens
-                 with Hkv/u heads.
-      none:      0.
+    P ranks, L = seqlen / P local tokens, block = K and V of L tokens (2 * L * Hkv * D * elem),
+    acc = the same in float32 (gradient accumulators):
+      ring:      rank r forwards its current block at `h_r` of the P steps (every step but the
+                 last when every block is needed by every rank; fewer when the mask lets a
+                 block stop early, see `ring_reach`):  fwd h_r * block;  bwd h_r * (block +
+                 acc) (K/V again, their dK/dV alongside) + acc per accumulator it sends home.
+      allgather: fwd (P-1) * block (gather K/V);  bwd (P-1) * (block + acc) (re-gather K/V,
+                 reduce-scatter dK/dV in float32).
+      ulysses:   all-to-all keeps 1/P of every tensor at home; Q, K, V out and the output back
+                 (bwd: dO out, dQ, dK, dV back): (P-1) * L * (2 Hq + 2 Hkv') * D * elem // P each
+                 way, Hkv' = Hkv repeated to a multiple of P.
+      usp:       ulysses over u ranks on L tokens + ring over P/u ranks on u*L tokens, H/u heads.
     """
     p = world
     loc = lay.seqlen // p
-    kv = loc * lay.hkv * lay.head_dim * lay.elem_bytes
+    block = 2 * loc * lay.hkv * lay.head_dim * lay.elem_bytes
+    acc = 2 * loc * lay.hkv * lay.head_dim * lay.acc_bytes
     if strategy == "none" or p == 1:
-        return {"fwd": 0, "bwd": 0}
+        return {"fwd": [0] * p, "bwd": [0] * p}
     if strategy == "ring":
-        return {"fwd": (p - 1) * 2 * kv, "bwd": (p - 1) * 4 * kv}
+        plan = RingPlan(0, list(range(p)), [], [], [p - 1] * p if reach is None else list(reach))
+        hops = [plan.hops(r) for r in range(p)]
+        return {"fwd": [h[0] * block for h in hops], "bwd": [h[0] * (block + acc) + h[2] * acc for h in hops]}
     if strategy == "allgather":
-        return {"fwd": (p - 1) * 2 * kv, "bwd": (p - 1) * 2 * kv}
+        return {"fwd": [(p - 1) * block] * p, "bwd": [(p - 1) * (block + acc)] * p}
     if strategy == "ulysses":
-        one_way = (p - 1) * loc * (2 * lay.hq + 2 * lay.hkv) * lay.head_dim * lay.elem_bytes // p
-        return {"fwd": one_way, "bwd": one_way}
+        hkv = lay.hkv * (p // math.gcd(lay.hkv, p))
+        one_way = (p - 1) * loc * (2 * lay.hq + 2 * hkv) * lay.head_dim * lay.elem_bytes // p
+        return {"fwd": [one_way] * p, "bwd": [one_way] * p}
     if strategy == "usp":
         u = ulysses_degree or 1
         if p % u:
             raise ValueError(f"ulysses_degree={u} must divide the CP size {p}")
         uly = bytes_sent("ulysses", Layout(loc * u, lay.hq, lay.hkv, lay.head_dim, lay.elem_bytes), u)
-        ring_lay = Layout(loc * p, max(lay.hq // u, 1), max(lay.hkv // u, 1), lay.head_dim, lay.elem_bytes)
-        ring = bytes_sent("ring", ring_lay, p // u)
-        return {k: uly[k] + ring[k] for k in ("fwd", "bwd")}
+        hkv = lay.hkv * (u // math.gcd(lay.hkv, u))
+        ring = bytes_sent("ring", Layout(lay.seqlen, lay.hq // u, hkv // u, lay.head_dim, lay.elem_bytes), p // u)
+        return {k: [uly[k][0] + ring[k][0]] * p for k in ("fwd", "bwd")}
     raise ValueError(f"strategy={strategy!r} has no bytes formula; choose ring, allgather, ulysses, usp or none")

@@ -70,7 +70,7 @@ def _ring(c_fwd, c_bwd, lay: Layout, p: int, hw: Hardware, stride: int) -> tuple
     times = []
     for c, total, merge in ((c_fwd, sent["fwd"], hw.merge_passes * out_fp32),
                             (c_bwd, sent["bwd"], hw.accum_passes * out_fp32)):
-        hop = lat + total / max(p - 1, 1) / bw if p > 1 else 0.0
+        hop = lat + max(total) / max(p - 1, 1) / bw if p > 1 else 0.0
         step = c / p + hw.call_overhead
         overlapped = step + hop - hw.overlap * min(step, hop) + merge
         times.append(step + (p - 1) * overlapped if p > 1 else step)
@@ -97,12 +97,12 @@ def predict(strategy: str, pairs: list[int], lay: Layout, hw: Hardware, *,
         fwd, bwd = _ring(rate(worst, False), rate(worst, True), lay, p, hw, 1)
     elif strategy == "allgather":
         sent = bytes_sent("allgather", lay, p)
-        fwd = _collective(sent["fwd"], p, hw) + rate(worst, False) + hw.call_overhead
-        bwd = _collective(sent["bwd"], p, hw) + rate(worst, True) + hw.call_overhead
+        fwd = _collective(sent["fwd"][0], p, hw) + rate(worst, False) + hw.call_overhead
+        bwd = _collective(sent["bwd"][0], p, hw) + rate(worst, True) + hw.call_overhead
     elif strategy == "ulysses":
         sent = bytes_sent("ulysses", lay, p)
-        fwd = _collective(sent["fwd"], p, hw) + rate(total / p, False) + hw.call_overhead
-        bwd = _collective(sent["bwd"], p, hw) + rate(total / p, True) + hw.call_overhead
+        fwd = _collective(sent["fwd"][0], p, hw) + rate(total / p, False) + hw.call_overhead
+        bwd = _collective(sent["bwd"][0], p, hw) + rate(total / p, True) + hw.call_overhead
     elif strategy == "usp":
         u = ulysses_degree or 1
         r = p // u
@@ -113,8 +113,8 @@ def predict(strategy: str, pairs: list[int], lay: Layout, hw: Hardware, *,
         c_f = attention_flops(max(ring_pairs), ring_lay.hq, lay.head_dim) / hw.fwd_flops
         c_b = attention_flops(max(ring_pairs), ring_lay.hq, lay.head_dim, backward=True) / hw.bwd_flops
         rf, rb = _ring(c_f, c_b, ring_lay, r, hw, u)
-        fwd = _collective(uly["fwd"], u, hw) + rf
-        bwd = _collective(uly["bwd"], u, hw) + rb
+        fwd = _collective(uly["fwd"][0], u, hw) + rf
+        bwd = _collective(uly["bwd"][0], u, hw) + rb
     elif strategy == "cad":
         loc = lay.seqlen // p
         ship = (p - 1) / p * loc * (2 * lay.hq + 2 * lay.hkv) * lay.head_dim * lay.elem_bytes

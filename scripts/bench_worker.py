@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import kernels
 import parallel
-from parallel.costmodel import Layout, bytes_sent, mask_keys
+from parallel.costmodel import Layout, bytes_sent, mask_keys, ring_reach
 from scripts.bench_peers import build_peer
 from scripts.bench_cells import make_mask
 
@@ -171,14 +171,17 @@ def run_cell(cell, device) -> dict | None:
                fwd_s=statistics.median(fwd_t), bwd_s=statistics.median(bwd_t),
                fwd_s_all=fwd_t, bwd_s_all=bwd_t, device=str(device), world_actual=world)
     if stats is not None and stats.pairs:
-        rec.update(pairs=list(stats.pairs), bytes_sent=list(stats.bytes_sent), bytes_recv=list(stats.bytes_recv),
+        bwd = stats.extra.get("bytes_bwd_sent", [0] * world)
+        rec.update(pairs=list(stats.pairs), bytes_sent=[f + b for f, b in zip(stats.bytes_sent, bwd)],
                    pairs_imbalance=stats.imbalance("pairs"),
-                   extra={kk: vv for kk, vv in stats.extra.items() if isinstance(vv, (int, float, str))})
+                   extra={k: v for k, v in stats.extra.items() if isinstance(v, (int, float, str))})
     base = cell["strategy"].removeprefix("peer:")
     if world > 1 and base in ("ring", "allgather", "ulysses", "usp", "deepspeed-ulysses"):
         kind = "ulysses" if base == "deepspeed-ulysses" else base
-        formula = bytes_sent(kind, lay, world, ulysses_degree=cell.get("options", {}).get("ulysses_degree"))
-        rec["bytes_formula"] = formula["fwd"] + formula["bwd"]
+        rows = [r.numpy() for r in cp.indices] if hasattr(cp, "indices") else None
+        reach = ring_reach(mask, cell["seqlen"], rows) if kind == "ring" else None
+        formula = bytes_sent(kind, lay, world, reach=reach, ulysses_degree=cell.get("options", {}).get("ulysses_degree"))
+        rec["bytes_formula"] = [f + b for f, b in zip(formula["fwd"], formula["bwd"])]
     return rec
 
 

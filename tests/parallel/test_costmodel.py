@@ -5,8 +5,9 @@ import torch
 
 from kernels import MaskSpec
 from parallel.costmodel import (
-    Layout, balancer_rows, bytes_sent, imbalance, keys_per_query, mask_keys, pairs_per_rank,
+    Layout, balancer_rows, bytes_sent, imbalance, keys_per_query, mask_keys, pairs_per_rank, ring_reach,
 )
+from parallel.ring import RingPlan
 from parallel.simulator import H100, predict
 
 MASKS = [
@@ -20,16 +21,18 @@ MASKS = [
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.describe())
-@pytest.mark.parametrize("balancer", ["contiguous", "headtail", "stripe"])
+@pytest.mark.parametrize("balancer", ["contiguous", "headtail", "stripe", "per_doc"])
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_pairs_per_rank_equal_mask_pairs(mask, balancer, world):
     seqlen = 32
     keys = mask_keys(mask, seqlen)
-    rows = balancer_rows(balancer, seqlen, world)
+    rows = balancer_rows(balancer, seqlen, world, mask)
     assert sorted(np.concatenate(rows).tolist()) == list(range(seqlen))
     every = torch.arange(seqlen)
     expect = [mask.pairs(torch.as_tensor(r), every) for r in rows]
     assert pairs_per_rank(keys, rows) == expect
+    plan = RingPlan.build(mask, [torch.as_tensor(r) for r in rows], 0, list(range(world)))
+    assert ring_reach(mask, seqlen, rows) == plan.reach
 
 
 def test_headtail_balances_causal_and_contiguous_does_not():
@@ -41,12 +44,19 @@ def test_headtail_balances_causal_and_contiguous_does_not():
 
 def test_bytes_formulas_by_hand():
     lay = Layout(seqlen=1024, hq=8, hkv=2, head_dim=16, elem_bytes=4)
-    kv = 256 * 2 * 16 * 4  # local tokens * Hkv * D * elem, one of K or V, P=4
-    assert bytes_sent("ring", lay, 4) == {"fwd": 3 * 2 * kv, "bwd": 3 * 4 * kv}
-    assert bytes_sent("allgather", lay, 4) == {"fwd": 3 * 2 * kv, "bwd": 3 * 2 * kv}
-    uly = 3 * 256 * (2 * 8 + 2 * 2) * 16 * 4 // 4
-    assert bytes_sent("ulysses", lay, 4) == {"fwd": uly, "bwd": uly}
-    assert bytes_sent("ring", lay, 1) == {"fwd": 0, "bwd": 0}
+    block = 2 * 256 * 2 * 16 * 4  # K and V of the 256 local tokens, P=4
+    assert bytes_sent("ring", lay, 4) == {"fwd": [3 * block] * 4, "bwd": [3 * 2 * block + block] * 4}
+    # contiguous causal: block j is needed up to the last rank only, so rank r forwards the
+    # r + 1 blocks 0..r that are still on their way and the last rank forwards nothing
+    reach = ring_reach(MaskSpec(causal=True), 1024, balancer_rows("contiguous", 1024, 4))
+    assert reach == [3, 2, 1, 0]
+    assert bytes_sent("ring", lay, 4, reach=reach)["fwd"] == [block, 2 * block, 3 * block, 0]
+    assert bytes_sent("allgather", lay, 4) == {"fwd": [3 * block] * 4, "bwd": [3 * 2 * block] * 4}
+    uly = 3 * 256 * (2 * 8 + 2 * 4) * 16 * 4 // 4  # Hkv=2 repeated to 4 heads for P=4
+    assert bytes_sent("ulysses", lay, 4) == {"fwd": [uly] * 4, "bwd": [uly] * 4}
+    assert bytes_sent("ring", lay, 1) == {"fwd": [0], "bwd": [0]}
+    bf16 = Layout(seqlen=1024, hq=8, hkv=2, head_dim=16, elem_bytes=2)
+    assert bytes_sent("allgather", bf16, 4)["bwd"] == [3 * (block // 2 + block)] * 4  # dK/dV in float32
     with pytest.raises(ValueError, match="strategy='bogus'"):
         bytes_sent("bogus", lay, 4)
 
@@ -56,8 +66,6 @@ def test_bad_settings_name_the_setting():
         balancer_rows("headtail", 30, 4)
     with pytest.raises(ValueError, match="balancer='nope'"):
         balancer_rows("nope", 32, 4)
-    with pytest.raises(ValueError, match="doc_lens"):
-        keys_per_query(10, causal=True, doc_lens=[3, 3])
     with pytest.raises(ValueError, match="hq=6"):
         Layout(16, 6, 4, 8)
 

@@ -46,7 +46,7 @@ def test_derive_definitions():
     common = dict(mask="causal", seqlen=1000, hq=2, hkv=2, head_dim=4, dtype="float32", correct=True, total_pairs=500)
     base = dict(common, strategy="kernel", world=1, fwd_s=1.0, bwd_s=3.0, fwd_s_all=[1.0, 1.0], bwd_s_all=[3.0, 3.0])
     cell = dict(common, strategy="ring", world=2, fwd_s=0.5, bwd_s=2.0, fwd_s_all=[0.4, 0.5, 0.9],
-                bwd_s_all=[2.0, 2.0, 2.1], bytes_sent=[10, 10], bytes_formula=10)
+                bwd_s_all=[2.0, 2.0, 2.1], bytes_sent=[10, 12], bytes_formula=[10, 12])
     wrong = dict(cell, correct=False)
     rows = derive([base, cell, wrong])
     assert rows[1]["efficiency"] == 4.0 / (2 * 2.5)
