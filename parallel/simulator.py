@@ -78,6 +78,7 @@ def _ring(c_fwd, c_bwd, lay: Layout, p: int, hw: Hardware, stride: int) -> tuple
 
 
 def _collective(nbytes: float, p: int, hw: Hardware, stride: int = 1) -> float:
+    """Ring-algorithm collective over p ranks: p-1 latencies + bytes over the slowest link."""
     if p == 1:
         return 0.0
     bw, lat = _link(hw, p, stride)
@@ -124,3 +125,101 @@ def predict(strategy: str, pairs: list[int], lay: Layout, hw: Hardware, *,
     else:
         raise ValueError(f"strategy={strategy!r} has no time model; choose none, ring, allgather, ulysses, usp or cad")
     return {"fwd_s": fwd, "bwd_s": bwd, "total_s": fwd + bwd}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the non-attention part of a step costs: 6 * params FLOPs per token (fwd+bwd)."""
+
+    params: float
+    layers: int
+    hq: int
+    hkv: int
+    head_dim: int
+    linear_mfu: float = 0.5     # sustained fraction of peak for the dense GEMMs
+    peak_flops: float = 989e12  # H100/H200 dense bf16 (datasheet)
+
+
+LLAMA3_8B = ModelShape(params=8.0e9, layers=32, hq=32, hkv=8, head_dim=128)
+
+
+def pack(doc_lens, tokens: int, count: int, rng) -> list[list[int]]:
+    """`count` sequences of exactly `tokens` tokens, documents drawn from `doc_lens` in random
+    order and cut at the sequence end (how packed pretraining batches are built)."""
+    seqs = []
+    for _ in range(count):
+        lens, left = [], tokens
+        while left:
+            n = min(int(doc_lens[rng.integers(len(doc_lens))]), left)
+            lens.append(n)
+            left -= n
+        seqs.append(lens)
+    return seqs
+
+
+def doc_pairs(lens) -> float:
+    """Causal attention pairs of one packed sequence: sum of L(L+1)/2 over its documents."""
+    return float(sum(n * (n + 1) // 2 for n in lens))
+
+
+def repack(seqs: list[list[int]], cost) -> list[list[int]]:
+    """WLB-LLM-style variable-length packing: the same documents re-dealt to the replicas,
+    longest-cost first to the currently cheapest replica, so per-replica cost (linear +
+    attention) is as even as whole documents allow (token counts may then differ)."""
+    bins = [[] for _ in seqs]
+    load = [0.0] * len(seqs)
+    for n in sorted((n for s in seqs for n in s), key=cost, reverse=True):
+        i = load.index(min(load))
+        bins[i].append(n)
+        load[i] += cost(n)
+    return bins
+
+
+def dp_step(seqs: list[list[int]], model: ModelShape, hw: Hardware, *, tp: int, cp: int, mode: str,
+            epsilon: float = 0.05) -> dict:
+    """Step time of DP replicas (one packed sequence each, CP degree `cp`, TP degree `tp`).
+
+    per_doc_cp (and wlb, the same after `repack` evens the replicas' cost, WLB-LLM's
+    "ideal" baseline of DistCA): every document is split head-tail over the CP group, so attention is balanced
+        inside a replica, but K/V are all-gathered across the group in every layer (fwd, and
+        again with a reduce-scatter of dK/dV in bwd) and replicas with more attention
+        straggle: the step waits for the slowest replica.
+    cad: core attention of all replicas is pooled and re-split over every GPU (within
+        epsilon); its Q/K/V/output shipping hides behind compute (ping-pong), so every GPU
+        waits only for the mean attention work.
+    """
+    tokens = sum(seqs[0])
+    gpus = tp * cp
+    linear = 6 * model.params * tokens / gpus / (model.peak_flops * model.linear_mfu)
+    attn_cost = model.layers * attention_flops(1, model.hq, model.head_dim) * 3.5 / gpus \
+        / ((hw.fwd_flops + 2.5 * hw.bwd_flops) / 3.5)     # seconds per causal pair
+    attn = [attn_cost * doc_pairs(s) for s in seqs]
+    if mode in ("per_doc_cp", "wlb"):
+        if mode == "wlb":
+            seqs = repack(seqs, lambda n: linear / tokens * n + attn_cost * n * (n + 1) / 2)
+        rows = [sum(s) for s in seqs]
+        times = []
+        for s, n in zip(seqs, rows):
+            kv = 2 * n / cp * model.hkv * model.head_dim * 2 / tp   # bf16 K and V of the local rows
+            gather = _collective((cp - 1) * kv, cp, hw, stride=tp)
+            comm = model.layers * (2 * gather + _collective((cp - 1) * kv * 2, cp, hw, stride=tp))
+            times.append(linear / tokens * n + attn_cost * doc_pairs(s) + comm)
+    elif mode == "cad":
+        times = [linear + sum(attn) / len(attn) * (1 + epsilon)] * len(attn)
+    else:
+        raise ValueError(f"mode={mode!r} is unknown; choose per_doc_cp, wlb or cad")
+    return {"step_s": max(times), "mean_s": sum(times) / len(times), "straggle": max(times) / (sum(times) / len(times))}
+
+
+def throughput(doc_lens, model: ModelShape, hw: Hardware, *, gpus: int, tokens: int, tp: int, cp: int, mode: str,
+               steps: int = 20, seed: int = 0) -> float:
+    """Mean tokens/s over `steps` sampled global batches (one packed sequence per DP replica)."""
+    import numpy as np
+
+    dp = gpus // (tp * cp)
+    if dp < 1:
+        raise ValueError(f"gpus={gpus} cannot hold tp={tp} x cp={cp}")
+    rng = np.random.default_rng(seed)
+    total = sum(dp_step(pack(doc_lens, tokens, dp, rng), model, hw, tp=tp, cp=cp, mode=mode)["step_s"]
+                for _ in range(steps))
+    return dp * tokens * steps / total
