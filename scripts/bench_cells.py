@@ -18,7 +18,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_doc_lens(path: str) -> list[int]:
-    """Document-length distribution: a JSON list of ints (path relative to the repo root)."""
+    """Document-length distribution: a JSON list of ints (path relative to the repo root;
+    the LONGCTX_DOCLENS environment variable overrides it, e.g. in a git worktree)."""
+    path = os.environ.get("LONGCTX_DOCLENS", path)
     full = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
     if not os.path.exists(full):
         raise ValueError(f"docs.file={path!r} not found (looked at {full}); point docs.file at a JSON list "
@@ -72,6 +74,8 @@ def expand(cfg: dict) -> list[dict]:
         for balancer, world in itertools.product(balancers, [w for w in cfg["worlds"] if w > 1]):
             runs.append((strategy, balancer, world, dict(cfg.get("options", {}).get(strategy, {}))))
     for (mask, seqlen, (hq, hkv)), (strategy, balancer, world, options) in itertools.product(shapes, runs):
+        if strategy == "auto":  # auto predicts communication from the head layout
+            options = dict(options, num_heads=hq, num_kv_heads=hkv, head_dim=cfg["head_dim"])
         cell = dict(strategy=strategy, balancer=balancer, mask=mask, seqlen=seqlen, world=world, hq=hq, hkv=hkv,
                     head_dim=cfg["head_dim"], dtype=cfg["dtype"], seed=cfg["seed"], warmup=cfg["warmup"],
                     repeats=cfg["repeats"], options=options, window=cfg["window"],
@@ -84,5 +88,5 @@ def expand(cfg: dict) -> list[dict]:
 
 
 def strategy_uses_balancer(strategy: str) -> bool:
-    """Peers and Ulysses-style strategies shard contiguously by design."""
-    return not strategy.startswith("peer:") and strategy not in ("ulysses", "kernel")
+    """Peers and Ulysses-style strategies shard contiguously by design; auto picks its own."""
+    return not strategy.startswith("peer:") and strategy not in ("ulysses", "kernel", "auto")

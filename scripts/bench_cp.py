@@ -33,7 +33,7 @@ class BenchConfig:
     """Schema of the bench app; conf/bench/*.yaml only choose and override."""
 
     out_dir: str = "bench_out"
-    strategies: list = field(default_factory=lambda: ["ring", "allgather", "ulysses"])
+    strategies: list = field(default_factory=lambda: ["ring", "allgather", "ulysses", "auto"])
     peers: list = field(default_factory=lambda: ["deepspeed-ulysses", "torch-cp", "yunchang"])
     balancers: list = field(default_factory=lambda: ["contiguous", "headtail"])
     masks: list = field(default_factory=lambda: ["causal", "document"])
