@@ -176,14 +176,14 @@ def repack(seqs: list[list[int]], cost) -> list[list[int]]:
 
 
 def dp_step(seqs: list[list[int]], model: ModelShape, hw: Hardware, *, tp: int, cp: int, mode: str,
-            epsilon: float = 0.05) -> dict:
+            epsilon: float = 0.05, comm_hidden: float = 0.0) -> dict:
     """Step time of DP replicas (one packed sequence each, CP degree `cp`, TP degree `tp`).
 
     per_doc_cp (and wlb, the same after `repack` evens the replicas' cost, WLB-LLM's
     "ideal" baseline of DistCA): every document is split head-tail over the CP group, so attention is balanced
         inside a replica, but K/V are all-gathered across the group in every layer (fwd, and
-        again with a reduce-scatter of dK/dV in bwd) and replicas with more attention
-        straggle: the step waits for the slowest replica.
+        again with a reduce-scatter of dK/dV in bwd; `comm_hidden` of it overlaps compute)
+        and replicas with more attention straggle: the step waits for the slowest replica.
     cad: core attention of all replicas is pooled and re-split over every GPU (within
         epsilon); its Q/K/V/output shipping hides behind compute (ping-pong), so every GPU
         waits only for the mean attention work.
@@ -202,7 +202,7 @@ def dp_step(seqs: list[list[int]], model: ModelShape, hw: Hardware, *, tp: int, 
         for s, n in zip(seqs, rows):
             kv = 2 * n / cp * model.hkv * model.head_dim * 2 / tp   # bf16 K and V of the local rows
             gather = _collective((cp - 1) * kv, cp, hw, stride=tp)
-            comm = model.layers * (2 * gather + _collective((cp - 1) * kv * 2, cp, hw, stride=tp))
+            comm = model.layers * (2 * gather + _collective((cp - 1) * kv * 2, cp, hw, stride=tp)) * (1 - comm_hidden)
             times.append(linear / tokens * n + attn_cost * doc_pairs(s) + comm)
     elif mode == "cad":
         times = [linear + sum(attn) / len(attn) * (1 + epsilon)] * len(attn)
@@ -212,7 +212,7 @@ def dp_step(seqs: list[list[int]], model: ModelShape, hw: Hardware, *, tp: int, 
 
 
 def throughput(doc_lens, model: ModelShape, hw: Hardware, *, gpus: int, tokens: int, tp: int, cp: int, mode: str,
-               steps: int = 20, seed: int = 0) -> float:
+               steps: int = 20, seed: int = 0, comm_hidden: float = 0.0) -> float:
     """Mean tokens/s over `steps` sampled global batches (one packed sequence per DP replica)."""
     import numpy as np
 
@@ -220,6 +220,7 @@ def throughput(doc_lens, model: ModelShape, hw: Hardware, *, gpus: int, tokens: 
     if dp < 1:
         raise ValueError(f"gpus={gpus} cannot hold tp={tp} x cp={cp}")
     rng = np.random.default_rng(seed)
-    total = sum(dp_step(pack(doc_lens, tokens, dp, rng), model, hw, tp=tp, cp=cp, mode=mode)["step_s"]
+    total = sum(dp_step(pack(doc_lens, tokens, dp, rng), model, hw, tp=tp, cp=cp, mode=mode,
+                        comm_hidden=comm_hidden)["step_s"]
                 for _ in range(steps))
     return dp * tokens * steps / total
