@@ -20,9 +20,10 @@ from .simulator import PRESETS, Hardware, predict
 
 log = logging.getLogger(__name__)
 
-# gloo on this project's CPU runners: torch's fused CPU attention on one thread
-# (~10 GFLOP/s fwd, ~6 GFLOP/s bwd, 2 shared cores) and the bench's p2p probe (~1 GB/s, ~1 ms).
-CPU = Hardware("cpu", 10e9, 6e9, 5e9, 1e9, 1e-3, 1e9, 1e-3, devices_per_node=64, overlap=0.0)
+# gloo on this project's 2-core CPU runner, measured by scripts.bench_cp: the cpu kernel on one
+# thread (16K causal, 8 heads x 64: 35 GFLOP/s fwd, 24 GFLOP/s bwd) and the worker's p2p probe
+# (1.2 GB/s, 1.6 ms under load); one thread per rank, so no compute/communication overlap.
+CPU = Hardware("cpu", 35e9, 24e9, 5e9, 1.2e9, 1.6e-3, 1.2e9, 1.6e-3, devices_per_node=64, overlap=0.0)
 HARDWARE = {**PRESETS, "cpu": CPU}
 DEFAULT_CANDIDATES = ("ring", "allgather", "ulysses", "usp")
 
