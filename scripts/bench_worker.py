@@ -171,6 +171,30 @@ def link_probe(device, nbytes: int = 1 << 24, reps: int = 3) -> dict:
     return {"link_lat": lat, "link_bw": nbytes / max(times[nbytes] - lat, 1e-9)}
 
 
+def rate_probe(device, seqlen: int = 2048, heads: int = 8, head_dim: int = 64) -> dict:
+    """Attention FLOP/s each rank sustains while every rank of the launch computes at once
+    (fixed causal shape, slowest rank): the simulator scales the 1-rank kernel rate by the
+    ratio of this probe between launches, which captures how much of the machine a rank gets."""
+    from kernels import MaskSpec
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v, dout = (torch.randn(seqlen, heads, head_dim, generator=g).to(device) for _ in range(4))
+    q.requires_grad_(True)
+    flops = 4.0 * seqlen * (seqlen + 1) / 2 * heads * head_dim
+    best_f = best_b = float("inf")
+    for _ in range(3):
+        dist.barrier()
+        t0 = time.perf_counter()
+        out, _ = kernels.attention(q, k, v, MaskSpec(causal=True))
+        _sync(device)
+        t1 = time.perf_counter()
+        out.backward(dout)
+        _sync(device)
+        t2 = time.perf_counter()
+        best_f, best_b = min(best_f, _max_over_ranks(t1 - t0)), min(best_b, _max_over_ranks(t2 - t1))
+    return {"probe_fwd_flops": flops / best_f, "probe_bwd_flops": 2.5 * flops / best_b}
+
+
 def run_cell(cell, device) -> dict | None:
     """Time and check one cell; returns the JSON record on rank 0 (None elsewhere)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -236,7 +260,7 @@ def main(argv=None):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     for name, target in cells[0].get("extra_strategies", {}).items() if cells else ():
         parallel.STRATEGIES[name] = target
-    link = link_probe(device)
+    link = dict(link_probe(device), **rate_probe(device))
     for cell in cells:
         try:
             rec = run_cell(cell, device)
