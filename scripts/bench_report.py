@@ -80,6 +80,25 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def auto_vs_best(rows: list[dict]) -> str:
+    """Per shape and world size: auto's choice and time against the fastest measured strategy."""
+    ok = [r for r in rows if r["status"] == "ok" and r["world"] > 1]
+    lines = ["| mask | T | P | Hq/Hkv | auto chose | auto ms | best measured | best ms | auto / best |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted({(r["mask"], r["seqlen"], r["world"], r["hq"], r["hkv"]) for r in ok}):
+        cells = [r for r in ok if (r["mask"], r["seqlen"], r["world"], r["hq"], r["hkv"]) == key]
+        auto = [r for r in cells if r["strategy"] == "auto"]
+        others = [r for r in cells if r["strategy"] not in ("auto",) and not r["strategy"].startswith("peer:")]
+        if not auto or not others:
+            continue
+        best = min(others, key=lambda r: r["total_s"])
+        a = auto[0]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]}/{key[4]} | {a.get('extra', {}).get('auto_choice')} | "
+                     f"{a['total_s'] * 1e3:.0f} | {best['strategy']}/{best.get('balancer') or '-'} | "
+                     f"{best['total_s'] * 1e3:.0f} | {a['total_s'] / best['total_s']:.3f} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def write_plots(rows: list[dict], out_dir: str) -> list[str]:
     """throughput.png (tokens/s vs seqlen per strategy), imbalance.png, bytes.png."""
     import matplotlib
@@ -119,6 +138,9 @@ def write_reports(records: list[dict], out_dir: str, *, plots: bool = True, use_
     rows = derive(records)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown(rows))
+        auto = auto_vs_best(rows)
+        if auto:
+            f.write("\n" + auto)
     if plots and rows:
         write_plots(rows, out_dir)
     if use_wandb:
