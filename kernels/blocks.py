@@ -29,7 +29,7 @@ class RowInfo:
 
     @classmethod
     def of(cls, mask: MaskSpec, pos: torch.Tensor) -> "RowInfo":
-        pos = pos.to("cpu", torch.long)
+        pos = pos.to("cpu", torch.long).contiguous()
         doc = mask.doc_of(pos) if mask.has_docs else torch.zeros_like(pos)
         brk = torch.ones_like(pos, dtype=torch.bool)
         brk[1:] = (pos[1:] - pos[:-1] != 1) | (doc[1:] != doc[:-1])

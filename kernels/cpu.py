@@ -78,7 +78,8 @@ def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, tiles: list[Tile]) ->
             tiles.append(Tile(qa - shift, qb, ka, kb, CAUSAL))
         return
     if qb - qa <= TILE and kb - ka <= TILE:
-        tiles.append(Tile(qa, qb, ka, kb, MASKED))
+        if bool(mask.allowed(qi.pos[qa:qb], ki.pos[ka:kb]).any()):  # ranges cannot prove all hidden
+            tiles.append(Tile(qa, qb, ka, kb, MASKED))
         return
     for q0, q1 in _halves(qa, qb):
         for k0, k1 in _halves(ka, kb):

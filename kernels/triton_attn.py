@@ -32,7 +32,7 @@ def _setup(q, k, mask, q_pos, k_pos):
     qi, ki = RowInfo.of(mask, q_pos), RowInfo.of(mask, k_pos)
     kinds = classify(mask, qi.block_stats(block)[:, None], ki.block_stats(block)[None, :])
     return dict(
-        q_pos=qi.pos.to(dev), k_pos=ki.pos.to(dev), q_doc=qi.doc.to(dev), k_doc=ki.doc.to(dev),
+        q_pos=qi.pos.to(dev), k_pos=ki.pos.to(dev), q_doc=qi.doc.contiguous().to(dev), k_doc=ki.doc.contiguous().to(dev),
         kinds=kinds.contiguous().to(dev),
         Tq=q.shape[0], Tk=k.shape[0], Hq=q.shape[1], G=q.shape[1] // k.shape[1],
         D=q.shape[2], CAUSAL=mask.is_causal, WINDOW=mask.window or 0, HAS_DOCS=mask.has_docs,

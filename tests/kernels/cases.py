@@ -1,0 +1,66 @@
+"""Shared cases for the kernel tests: the mask catalogue, head layouts, random inputs and
+one helper that runs a backend forward + autograd backward through out and lse."""
+import torch
+
+import kernels
+from kernels import MaskSpec
+
+T = 40
+DOC_LENS = (13, 20, 7)
+HEADS = {"MHA": (4, 4), "GQA": (4, 2), "MQA": (4, 1)}
+
+
+def masks() -> dict[str, MaskSpec]:
+    cu = MaskSpec.from_doc_lens(DOC_LENS).cu_seqlens
+    return {
+        "none": MaskSpec(),
+        "causal": MaskSpec(causal=True),
+        "document": MaskSpec(cu_seqlens=cu),
+        "window": MaskSpec(window=6),
+        "document+window": MaskSpec(cu_seqlens=cu, window=9),
+        "causal+document+window": MaskSpec(causal=True, cu_seqlens=cu, window=9),
+    }
+
+
+def qkv(tq, tk, hq, hkv, d=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda t, h: torch.randn(t, h, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return make(tq, hq), make(tk, hkv), make(tk, hkv)
+
+
+def weights(out, lse, seed=1):
+    """Fixed random cotangents for out and lse (zero where lse = -inf)."""
+    g = torch.Generator().manual_seed(seed)
+    w_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    w_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    return w_out, w_lse.masked_fill(torch.isneginf(lse.detach()), 0.0)
+
+
+def loss_of(out, lse, seed=1):
+    w_out, w_lse = weights(out, lse, seed)
+    finite_lse = lse.masked_fill(torch.isneginf(lse.detach()), 0.0)
+    return (out.double() * w_out).sum() + (finite_lse.double() * w_lse).sum()
+
+
+def run(backend, q, k, v, mask, q_pos=None, k_pos=None):
+    """(out, lse, dq, dk, dv) with the loss `loss_of` through out and lse."""
+    out, lse = kernels.attention(q, k, v, mask, q_pos=q_pos, k_pos=k_pos, backend=backend)
+    dq, dk, dv = torch.autograd.grad(loss_of(out, lse), (q, k, v))
+    return out.detach(), lse.detach(), dq, dk, dv
+
+
+def assert_close(actual, expected, tol, what=""):
+    """max |actual - expected| <= tol * max(1, max |expected|), with -inf matching -inf."""
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.equal(torch.isneginf(a), torch.isneginf(e)), f"{what}: -inf rows differ"
+    assert not torch.isnan(a).any(), f"{what}: NaN"
+    fin = torch.isfinite(e)
+    err = (a[fin] - e[fin]).abs().max().item() if fin.any() else 0.0
+    scale = max(1.0, e[fin].abs().max().item() if fin.any() else 0.0)
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def assert_all_close(actual, expected, tol, what=""):
+    for name, a, e in zip(("out", "lse", "dq", "dk", "dv"), actual, expected):
+        assert_close(a, e, tol, f"{what} {name}")
