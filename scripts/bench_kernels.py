@@ -8,8 +8,10 @@
    through the `cpu` backend: hidden cross-document tiles are skipped.
 
 Variants are timed interleaved (A, B, C, A, B, C, ...) in one process; the table shows
-medians and ratios.  Usage:
-    PYTHONPATH=$PWD python3 scripts/bench_kernels.py [--seqlens 4096 16384] [--repeats 3]
+medians and ratios.  The default clock is this process's CPU time, which, run with one
+thread, is not inflated when other processes share the cores (use --clock wall on an
+idle machine or with several threads).  Usage:
+    PYTHONPATH=$PWD python3 scripts/bench_kernels.py [--seqlens 4096 16384] [--repeats 3] [--warmup 1]
 """
 from __future__ import annotations
 
@@ -52,18 +54,18 @@ def raw_op(q, k, v, dout):
     _bwd(bh(dout), bh(q), bh(k), bh(v), out, lse, 0.0, True)
 
 
-def interleaved(variants: dict, inputs, repeats: int) -> dict[str, float]:
-    """Median seconds per fwd+bwd of each variant, timed round-robin after one warm-up."""
+def interleaved(variants: dict, inputs, repeats: int, warmup: int, clock) -> dict[str, float]:
+    """Median seconds per fwd+bwd of each variant, timed round-robin after `warmup` rounds."""
     (q, k, v), dout = inputs
     times = {name: [] for name in variants}
-    for rep in range(repeats + 1):
+    for rep in range(warmup + repeats):
         for name, fn in variants.items():
             for x in (q, k, v):
                 x.grad = None
-            start = time.perf_counter()
+            start = clock()
             fn(q, k, v, dout)
-            if rep:
-                times[name].append(time.perf_counter() - start)
+            if rep >= warmup:
+                times[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -75,11 +77,15 @@ def main():
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--doc-len", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    shape = f"H={args.heads} D={args.head_dim} {args.dtype}, {args.threads} thread(s), median of {args.repeats}"
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    shape = (f"H={args.heads} D={args.head_dim} {args.dtype}, {args.threads} thread(s), "
+             f"{args.clock} time, median of {args.repeats} after {args.warmup} warm-up")
 
     print(f"## causal fwd+bwd: `cpu` backend vs torch ({shape})\n")
     print("| T | cpu backend (s) | torch SDPA (s) | raw aten op (s) | cpu / SDPA | cpu / raw op |")
@@ -87,14 +93,14 @@ def main():
     causal = MaskSpec(causal=True)
     for t in args.seqlens:
         med = interleaved({"ours": ours(causal), "sdpa": sdpa, "raw": raw_op},
-                          _inputs(t, args.heads, args.head_dim, dtype), args.repeats)
+                          _inputs(t, args.heads, args.head_dim, dtype), args.repeats, args.warmup, clock)
         print(f"| {t} | {med['ours']:.3f} | {med['sdpa']:.3f} | {med['raw']:.3f} | "
               f"{med['ours'] / med['sdpa']:.3f} | {med['ours'] / med['raw']:.3f} |", flush=True)
 
     t = max(args.seqlens)
     docs = MaskSpec.from_doc_lens([args.doc_len] * (t // args.doc_len) + ([t % args.doc_len] if t % args.doc_len else []))
     med = interleaved({"causal": ours(causal), "docs": ours(docs)},
-                      _inputs(t, args.heads, args.head_dim, dtype), args.repeats)
+                      _inputs(t, args.heads, args.head_dim, dtype), args.repeats, args.warmup, clock)
     print(f"\n## document mask vs fully causal, T={t}, documents of {args.doc_len} tokens ({shape})\n")
     print("| T | causal (s) | documents (s) | speed-up |")
     print("|---|---|---|---|")
