@@ -82,7 +82,7 @@ def test_app_trains_with_progress_bar_and_offline_wandb(tmp_path):
     assert "train: 100%" in proc.stderr and "40/40" in proc.stderr
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
-    log = (tmp_path / "main.log").read_text()
+    log = (tmp_path / "train.log").read_text()
     summary = log.split("trained 40 steps: loss ")[1]
     first, last = float(summary.split(" ")[0]), float(summary.split("-> ")[1].split(" ")[0])
     assert last < first - 1.0
