@@ -1,0 +1,1 @@
+"""Training: the Hydra app, config schema, data, engines, loop, metrics and logging."""

@@ -1,0 +1,4 @@
+"""`python -m train ...` runs the Hydra training app."""
+from .main import main
+
+main()

@@ -1,0 +1,194 @@
+"""Atomic, rotating checkpoints with automatic resume.
+
+Layout under `checkpoint.dir`: one folder per checkpoint, `step_00000120/`, holding what
+the engine writes (torch.distributed.checkpoint shards, or DeepSpeed's own files), every
+rank's RNG states in `rng/rank<r>.pt`, and a `COMPLETE` marker.
+
+Invariant: a folder named `step_<n>` with a `COMPLETE` marker is a whole checkpoint. All
+ranks write into `.step_<n>.partial/`; after every rank has written and fsynced its files,
+rank 0 writes the marker, fsyncs it and renames the folder into place (rename is atomic on
+POSIX), then fsyncs the parent. A crash at any point leaves either the previous
+checkpoints untouched plus a hidden partial folder (never resumed from, removed by the
+next save), or the new checkpoint complete. Only then are checkpoints beyond the newest
+`keep` deleted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def validate(cfg) -> None:
+    """Check the checkpoint settings before any process group exists."""
+    if cfg.every < 0:
+        raise ValueError(f"checkpoint.every={cfg.every} must be >= 0 (0 disables saving)")
+    if cfg.keep < 1:
+        raise ValueError(f"checkpoint.keep={cfg.keep} must be >= 1")
+    if cfg.resume in (None, "auto"):
+        return
+    if not os.path.isdir(cfg.resume):
+        raise ValueError(
+            f"checkpoint.resume={cfg.resume!r} does not exist; give a step_<n> folder written by a "
+            f"previous run, 'auto' (newest in checkpoint.dir) or null (start fresh)"
+        )
+    if not is_complete(cfg.resume):
+        raise ValueError(
+            f"checkpoint.resume={cfg.resume!r} has no {MARKER} marker: it is not a finished checkpoint "
+            f"(a save was interrupted); pick an earlier step_<n> folder"
+        )
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def complete_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint under root, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if m and is_complete(path):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: str) -> None:
+    """Flush every file and folder under path to stable storage."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class Checkpointer:
+    """Saves every `cfg.every` steps into `cfg.dir`, keeps the newest `cfg.keep`, resumes
+    from `cfg.resume` (a path, 'auto' for the newest complete one, or None)."""
+
+    def __init__(self, cfg, rank: int, world: int, run_dir: str | None = None):
+        validate(cfg)
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.root = cfg.dir if os.path.isabs(cfg.dir) or run_dir is None else os.path.join(run_dir, cfg.dir)
+
+    def resume(self, engine) -> dict | None:
+        """Load the checkpoint cfg.resume names (or the newest, for 'auto') into engine and this
+        rank's RNG; return its client state, or None when there is nothing to resume."""
+        return self._load(self._choose(self.cfg.resume), engine)
+
+    def rewind(self, engine) -> dict:
+        """Load the newest complete checkpoint whatever cfg.resume says (faults.nan_policy=rewind)."""
+        client_state = self._load(self._choose("auto"), engine)
+        if client_state is None:
+            raise FloatingPointError(f"faults.nan_policy=rewind found no complete checkpoint in {self.root} yet")
+        return client_state
+
+    def _load(self, path: str | None, engine) -> dict | None:
+        if path is None:
+            return None
+        client_state = engine.load(path)
+        rng_file = os.path.join(path, "rng", f"rank{self.rank}.pt")
+        if os.path.isfile(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return client_state
+
+    def _choose(self, resume: str | None) -> str | None:
+        """Rank 0 picks; everyone gets its pick, so all ranks load the same step."""
+        if resume is None:
+            return None
+        if resume != "auto":
+            return resume
+        found = complete_checkpoints(self.root) if self.rank == 0 else []
+        choice = [found[-1][1] if found else None]
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def maybe_save(self, step: int, engine, client_state_fn) -> str | None:
+        if self.cfg.every and step % self.cfg.every == 0:
+            return self.save(step, engine, client_state_fn())
+        return None
+
+    def save(self, step: int, engine, client_state: dict) -> str:
+        final = os.path.join(self.root, f"step_{step:08d}")
+        partial = os.path.join(self.root, f".step_{step:08d}.partial")
+        if self.rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(os.path.join(partial, "rng"))
+        _barrier()
+        engine.save(partial, client_state)
+        torch.save(rng_state(), os.path.join(partial, "rng", f"rank{self.rank}.pt"))
+        _fsync_tree(partial)
+        _barrier()
+        if self.rank == 0:
+            self._commit(partial, final, step)
+            self._prune()
+        _barrier()
+        return final
+
+    def _commit(self, partial: str, final: str, step: int) -> None:
+        with open(os.path.join(partial, MARKER), "w") as f:
+            json.dump({"step": step, "world": self.world, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        stale = None
+        if os.path.exists(final):  # the same step saved again (e.g. after a rewind)
+            stale = final + ".replaced"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(final, stale)
+        os.rename(partial, final)
+        _fsync_dir(self.root)
+        if stale:
+            shutil.rmtree(stale)
+
+    def _prune(self) -> None:
+        for _, path in complete_checkpoints(self.root)[:-self.cfg.keep]:
+            shutil.rmtree(path)
+        for name in os.listdir(self.root):
+            if name.startswith(".step_") and name.endswith(".partial"):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)

@@ -1,0 +1,97 @@
+"""Joining and leaving the torchrun process group.
+
+`init` picks the backend (nccl on CUDA, gloo on CPU) and sets the collective timeout, so a
+peer that died or hangs ends the job with a clear error after train.dist_timeout_s instead
+of blocking forever; `shutdown` leaves cleanly. `describe_timeout` turns a backend's
+timeout or lost-peer error into a message that says what happened and which setting to
+change. Under torchrun, a rank that dies makes the agent restart the whole group
+(--max-restarts), and the restarted ranks resume from the newest checkpoint.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def export_submitit_env() -> None:
+    """Under Hydra's submitit launcher every Slurm task is one rank: turn the job's Slurm
+    variables into torch's env:// ones (MASTER_ADDR = first node, RANK, WORLD_SIZE, ...)."""
+    if launched_by_torchrun() or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment()
+    if env.world_size > 1:
+        env.export(set_cuda_visible_devices=False)
+
+
+def init_from_config(cfg) -> bool:
+    """Validate the whole config for this world size, then join: no process group exists
+    while a bad setting can still raise, so every rank fails with the same ValueError."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from .loop import validate
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    export_submitit_env()
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    return init(cfg.train.device, cfg.train.dist_timeout_s)
+
+
+def backend_for(device: str) -> str:
+    """nccl when the run uses CUDA, gloo on CPU."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "nccl" if use_cuda else "gloo"
+
+
+def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Join the process group torchrun describes (env://); False for a single process."""
+    if timeout_s is None or timeout_s <= 0:
+        raise ValueError(f"train.dist_timeout_s={timeout_s} must be a positive number of seconds")
+    if not launched_by_torchrun() or dist.is_initialized():
+        return False
+    backend = backend_for(device)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group. Call it after the engine (and its DDP reducer) is gone: with
+    torch 2.13 on CPU, destroying the group while a reducer is alive sometimes aborts the
+    process at exit ("terminate called without an active exception"); the collected
+    garbage and a barrier first make every rank leave together."""
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+PEER_FAILURE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+def is_timeout(error: BaseException) -> bool:
+    """Whether a collective failed because a peer is gone or too slow (not a bug of ours)."""
+    return any(text in str(error).lower() for text in PEER_FAILURE)
+
+
+def describe_timeout(error: BaseException, step: int, timeout_s: float) -> str:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"rank {rank}: a collective failed at step {step}: a peer rank died, or hung for longer than "
+        f"train.dist_timeout_s={timeout_s:g}s (see the other ranks' logs; raise train.dist_timeout_s if "
+        f"steps are legitimately that slow). Backend said: {first_line}"
+    )
