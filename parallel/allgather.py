@@ -71,7 +71,7 @@ class AllGather(ContextParallel):
 
     def __init__(self, mask, seqlen, *, group=None, mesh=None, balancer=None, **options):
         super().__init__()
-        self.setup(mask, seqlen, group, balancer, options)
+        self.setup(mask, seqlen, group, balancer, options, mesh=mesh)
         self.kv_head_groups = options.pop("kv_head_groups", 1)
         self.reject_unknown(options, self.name)
         if not isinstance(self.kv_head_groups, int) or self.kv_head_groups < 1:

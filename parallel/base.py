@@ -55,8 +55,10 @@ class ContextParallel:
     def __init__(self):
         self.stats = CPStats()
 
-    def setup(self, mask, seqlen, group, balancer, options: dict, balancers=balance.BALANCERS, single=False) -> None:
-        """single=True: one rank holds everything (no group is read)."""
+    def setup(self, mask, seqlen, group, balancer, options: dict, balancers=balance.BALANCERS, single=False,
+              mesh=None) -> None:
+        """group=None takes the CP group from `mesh` (a `groups.ParallelGroups` or a 1-D
+        DeviceMesh), else the world; single=True: one rank holds everything."""
         if not isinstance(mask, MaskSpec):
             raise ValueError(f"mask must be a kernels.MaskSpec, got {type(mask).__name__}")
         if not isinstance(seqlen, int) or isinstance(seqlen, bool) or seqlen < 1:
@@ -67,6 +69,8 @@ class ContextParallel:
                 f"balancer={name!r} is not supported by strategy {self.name!r}; choose one of {', '.join(balancers)}"
             )
         self.mask, self.seqlen, self.balancer = mask, seqlen, name
+        if group is None and mesh is not None:
+            group = mesh.cp_group if hasattr(mesh, "cp_group") else mesh.get_group()
         self.rank, self.world, self.ranks = (0, 1, [0]) if single else group_layout(group)
         self.group = group
         if self.world > 1 and group is None:

@@ -186,7 +186,7 @@ class Ring(ContextParallel):
 
     def __init__(self, mask, seqlen, *, group=None, mesh=None, balancer=None, **options):
         super().__init__()
-        self.setup(mask, seqlen, group, balancer, options)
+        self.setup(mask, seqlen, group, balancer, options, mesh=mesh)
         self.reject_unknown(options, self.name)
         self.plan = RingPlan.build(mask, self.indices, self.rank, self.ranks)
 

@@ -62,7 +62,7 @@ class Ulysses(ContextParallel):
 
     def __init__(self, mask, seqlen, *, group=None, mesh=None, balancer=None, **options):
         super().__init__()
-        self.setup(mask, seqlen, group, balancer, options)
+        self.setup(mask, seqlen, group, balancer, options, mesh=mesh)
         heads = (options.pop("num_heads", None), options.pop("num_kv_heads", None))
         self.reject_unknown(options, self.name)
         self.exchange = HeadExchange(self.ranks, self.rank, self.group)

@@ -25,7 +25,7 @@ class USP(ContextParallel):
 
     def __init__(self, mask, seqlen, *, group=None, mesh=None, balancer=None, **options):
         super().__init__()
-        self.setup(mask, seqlen, group, balancer, options)
+        self.setup(mask, seqlen, group, balancer, options, mesh=mesh)
         degrees = {k: options.pop(k, None) for k in ("ulysses_degree", "ring_degree")}
         inner = options.pop("ulysses_inner", True)
         self.reject_unknown(options, self.name)
@@ -36,11 +36,10 @@ class USP(ContextParallel):
         uly_groups = {layout.cp_split(members[0])[1]: members for members in lists["ulysses"]}
         ring_members = next(m for m in lists["ring"] if self.rank in m)
         peers = [self.ranks[c] for c in uly_groups[p]]
-        uly_group = None
-        if mesh is not None:
+        uly_group = getattr(mesh, "ulysses_group", None)
+        if uly_group is not None:
             import torch.distributed as dist
 
-            uly_group = mesh.ulysses_group
             if dist.get_process_group_ranks(uly_group) != peers:
                 raise ValueError(
                     f"mesh.ulysses_group holds ranks {dist.get_process_group_ranks(uly_group)} but usp with "

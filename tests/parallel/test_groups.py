@@ -61,3 +61,23 @@ def test_four_rank_build_memberships():
         assert members["ring"] == [rank]
         assert members["dp"] == [cp, cp + 2]
         assert members["dp_cp"] == [0, 1, 2, 3]
+
+
+def _strategies_on_cp_subgroups(rank, world):
+    import parallel
+    from tests.parallel.cases import check, inputs, masks, reference, run_strategy
+
+    groups = ParallelDims(world, cp=2, ulysses_degree=2).build()
+    mask = masks(64)["document"]
+    q, k, v, dout = inputs(64, 4, 2, seed=groups.dp_rank)  # each DP replica its own data
+    want = reference(q, k, v, dout, mask)
+    for strategy, where in [("ring", {"group": groups.cp_group}), ("allgather", {"mesh": groups}),
+                            ("ulysses", {"mesh": groups}), ("usp", {"mesh": groups, "ulysses_degree": 2})]:
+        cp = parallel.build(strategy, mask, 64, backend="reference", **where)
+        assert cp.world == 2 and cp.rank == groups.cp_rank
+        check(f"{strategy} on dp={groups.dp_rank}", run_strategy(cp, q, k, v, dout), want)
+    return True
+
+
+def test_strategies_run_on_cp_subgroups_of_a_dp_by_cp_grid():
+    assert run_ranks(_strategies_on_cp_subgroups, 4) == [True] * 4
