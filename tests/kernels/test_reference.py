@@ -12,8 +12,8 @@ from tests.kernels.cases import HEADS, assert_close, masks, qkv, run, weights
 @pytest.mark.parametrize("mask_name", list(masks()))
 def test_reference_gradcheck_float64(heads, mask_name):
     mask = masks()[mask_name]
-    pos = torch.arange(4, 14)  # inside the first two documents of the catalogue
-    q, k, v = qkv(10, 10, *HEADS[heads], d=4, dtype=torch.float64)
+    pos = torch.arange(9, 17)  # across the first document boundary (13) of the catalogue
+    q, k, v = qkv(8, 8, *HEADS[heads], d=4, dtype=torch.float64)
     fn = lambda q, k, v: kernels.attention(q, k, v, mask, q_pos=pos, k_pos=pos, backend="reference")
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
 
