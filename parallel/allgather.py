@@ -15,11 +15,7 @@ import kernels
 
 from .balance import pair_matrix
 from .base import ContextParallel, CPStats
-from .comm import all_gather_rows, nbytes, reduce_scatter_rows
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .comm import acc_dtype, all_gather_rows, nbytes, reduce_scatter_rows
 
 
 class _Gathered:
@@ -37,7 +33,7 @@ class AllGatherAttention(torch.autograd.Function):
         hq, hkv = q.shape[1], k.shape[1]
         kv = torch.stack([k, v], dim=1)  # [T, 2, Hkv, D]: tokens first, so gathers concatenate
         out = torch.empty_like(q)
-        lse = torch.empty(hq, q.shape[0], dtype=_acc(q.dtype), device=q.device)
+        lse = torch.empty(hq, q.shape[0], dtype=acc_dtype(q.dtype), device=q.device)
         for kh, qh in cp.head_slices(hq, hkv):
             g = _Gathered(cp, kv[:, :, kh].contiguous())
             out[:, qh], lse[qh] = kernels.forward(q[:, qh], g.k, g.v, cp.mask, q_pos=cp.index, k_pos=cp.key_pos,
@@ -53,7 +49,7 @@ class AllGatherAttention(torch.autograd.Function):
         if dlse is not None and not bool(dlse.any()):
             dlse = None
         dq = torch.empty_like(q)
-        dkv = torch.empty(kv.shape, dtype=_acc(kv.dtype), device=kv.device)
+        dkv = torch.empty(kv.shape, dtype=acc_dtype(kv.dtype), device=kv.device)
         dout = dout.contiguous()
         for kh, qh in cp.head_slices(q.shape[1], kv.shape[2]):
             g = _Gathered(cp, kv[:, :, kh].contiguous())
@@ -86,7 +82,7 @@ class AllGather(ContextParallel):
         ratio = hq // hkv
         return [(slice(i * per, (i + 1) * per), slice(i * per * ratio, (i + 1) * per * ratio)) for i in range(n)]
 
-    def attention_with_lse(self, q, k, v):
+    def compute(self, q, k, v, with_lse=True):
         self.check_inputs(q, k, v)
         if k.shape[1] % self.kv_head_groups:
             raise ValueError(f"kv_head_groups={self.kv_head_groups} must divide the K/V heads Hkv={k.shape[1]}")
@@ -102,7 +98,7 @@ class AllGather(ContextParallel):
         """Forward: the all-gather moves (P-1) local K/V shards in and out of every rank.
         Backward (extra): the same gather again plus a float32 reduce-scatter of dK/dV."""
         moved = (self.world - 1) * nbytes((2, *k.shape), k.dtype)
-        grads = (self.world - 1) * nbytes((2, *k.shape), _acc(k.dtype))
+        grads = (self.world - 1) * nbytes((2, *k.shape), acc_dtype(k.dtype))
         stats = CPStats([moved] * self.world, [moved] * self.world, [sum(row) for row in self.pairs])
         stats.extra["bytes_bwd_sent"] = stats.extra["bytes_bwd_recv"] = [moved + grads] * self.world
         return stats

@@ -17,9 +17,10 @@ Ulysses exchange fixed-size buffers).
 Default (balancer=None): per_doc for causal/window masks with documents, headtail for
 causal/window masks without, contiguous otherwise.
 
-`pair_counts` counts the (query, key) pairs a mask allows between two row sets without a
-dense matrix: for every query the allowed keys form one interval of positions (document
-start or window start .. query or document end), counted with a binary search.
+`pair_counts` / `pair_matrix` count the (query, key) pairs a mask allows between row sets
+without a dense matrix: for every query the allowed keys form one interval of positions
+(document start or window start .. query or document end), so a binary search, or a
+running count of each rank's keys, counts them.
 """
 from __future__ import annotations
 
@@ -118,14 +119,27 @@ def key_intervals(mask, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return lo, hi
 
 
-def pair_counts(mask, q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
-    """Allowed (query, key) pairs between the rows at q_pos and k_pos (any order)."""
-    keys = torch.sort(k_pos.to("cpu", torch.long)).values
-    lo, hi = key_intervals(mask, q_pos)
-    n = torch.searchsorted(keys, hi, right=True) - torch.searchsorted(keys, lo, right=False)
+def _count(keys_sorted: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> int:
+    n = torch.searchsorted(keys_sorted, hi, right=True) - torch.searchsorted(keys_sorted, lo, right=False)
     return int(n.clamp_min(0).sum())
 
 
+def pair_counts(mask, q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
+    """Allowed (query, key) pairs between the rows at q_pos and k_pos (any order)."""
+    return _count(torch.sort(k_pos.to("cpu", torch.long)).values, *key_intervals(mask, q_pos))
+
+
 def pair_matrix(mask, index: list[torch.Tensor]) -> list[list[int]]:
-    """pairs[r][j]: allowed pairs between rank r's queries and rank j's keys."""
-    return [[pair_counts(mask, qr, kj) for kj in index] for qr in index]
+    """pairs[r][j]: allowed pairs between rank r's queries and rank j's keys, where `index`
+    partitions the positions 0..T-1.  One pass: a running count of every rank's keys
+    ([T+1, P]) turns each query's key interval into its pairs with every rank."""
+    seqlen, world = sum(int(ix.numel()) for ix in index), len(index)
+    owner = torch.empty(seqlen, dtype=torch.long)
+    for r, ix in enumerate(index):
+        owner[ix.to("cpu", torch.long)] = r
+    running = torch.zeros(seqlen + 1, world, dtype=torch.long)
+    running[1:] = torch.nn.functional.one_hot(owner, world).cumsum(0)
+    lo, hi = key_intervals(mask, torch.arange(seqlen))
+    lo, hi = lo.clamp(0, seqlen), hi.clamp(-1, seqlen - 1)
+    per_query = (running[hi + 1] - running[lo]).clamp_min(0)
+    return [per_query[ix.to("cpu", torch.long)].sum(0).tolist() for ix in index]

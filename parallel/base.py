@@ -19,10 +19,13 @@ from .comm import AllGatherRows, group_layout
 
 @dataclass
 class CPStats:
-    """Accounting of the last `attention` call (forward, plus backward once it ran).
+    """Accounting of the last `attention` call, computed from the plan when it is made.
 
-    Lists are indexed by rank in the CP group and computed from the plan, so every rank
-    holds all ranks' values without a collective.
+    Lists are indexed by rank in the CP group, so every rank holds all ranks' values without
+    a collective.  bytes_sent / bytes_recv: the forward's communication; the backward's is
+    in extra["bytes_bwd_sent"] / extra["bytes_bwd_recv"] (per-rank lists).  pairs: allowed
+    (query, key) token pairs each rank computes, in units of all Hq heads (a rank that
+    computes 1/U of the heads over n pairs counts n / U).
     """
 
     bytes_sent: list[int] = field(default_factory=list)
@@ -39,7 +42,11 @@ class CPStats:
         d = {"pairs_imbalance": self.imbalance("pairs")}
         if rank is not None and self.pairs:
             d.update(bytes_sent=self.bytes_sent[rank], bytes_recv=self.bytes_recv[rank], pairs=self.pairs[rank])
-        d.update({k: v for k, v in self.extra.items() if isinstance(v, (int, float))})
+        for k, v in self.extra.items():
+            if isinstance(v, (int, float)):
+                d[k] = v
+            elif rank is not None and isinstance(v, list) and len(v) == len(self.pairs):
+                d[k] = v[rank]
         return d
 
 
@@ -116,8 +123,13 @@ class ContextParallel:
         validate(q, k, v, self.mask, self.index, self.index, self.scale)
 
     def attention(self, q, k, v):
-        return self.attention_with_lse(q, k, v)[0]
+        """Local q [T_local, Hq, D], k/v [T_local, Hkv, D] -> local output rows."""
+        return self.compute(q, k, v, with_lse=False)[0]
 
     def attention_with_lse(self, q, k, v):
         """(out, lse) of the local query rows; lse [Hq, T_local] float32 (float64 for float64)."""
+        return self.compute(q, k, v, with_lse=True)
+
+    def compute(self, q, k, v, with_lse: bool):
+        """(out, lse or None): strategies that must move lse to return it skip that when not asked."""
         raise NotImplementedError

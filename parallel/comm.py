@@ -8,7 +8,8 @@
 - `all_to_all`: autograd-aware exchange of equal dim-0 chunks (chunk i goes to peer i);
   over a process group when one covers the peers, else as P2P messages (so the hybrid
   strategy needs no sub-group creation at construction).
-- `nbytes`: bytes of a tensor of a given shape and dtype (stats are computed from shapes).
+- `nbytes`: bytes of a tensor of a given shape and dtype (stats are computed from shapes);
+  `acc_dtype`: what partials and gradients are accumulated in.
 """
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def group_layout(group) -> tuple[int, int, list[int]]:
 
 def nbytes(shape, dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype partial outputs and dK/dV are accumulated (and reduced) in: float32, or float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Pending:

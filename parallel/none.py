@@ -20,7 +20,7 @@ class NoCP(ContextParallel):
         self.setup(mask, seqlen, None, balancer, options, balancers=("contiguous",), single=True)
         self.reject_unknown(options, self.name)
 
-    def attention_with_lse(self, q, k, v):
+    def compute(self, q, k, v, with_lse=True):
         out, lse = kernels.attention(q, k, v, self.mask, scale=self.scale, backend=self.backend)
         pos = torch.arange(self.seqlen)
         self.stats = CPStats([0], [0], [pair_counts(self.mask, pos, pos)])

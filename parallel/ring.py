@@ -11,8 +11,9 @@ hidden blocks and stop blocks that are out of every later query's reach.
 Backward is a second ring pass: K/V go round again, and from the first hop on a float32
 dK/dV accumulator of block j travels with it, each rank adding its contribution from
 kernels.backward (which takes the final out/lse of its query rows); the last rank in reach
-sends it straight home, where it is added to the home rank's own contribution.  Tags keep the three kinds of messages apart: kv (s), dkv (P + s),
-home (2P + 1).
+sends it straight home, where it is added to the home rank's own contribution.  Tags keep
+the three kinds of messages apart for gloo (kv: s, dkv: P + s, home: 2P + 1); both sides
+post them in the same order, which is how NCCL matches them.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import kernels
 
 from .balance import pair_matrix
 from .base import ContextParallel, CPStats
-from .comm import Pending, nbytes, p2p
+from .comm import Pending, acc_dtype, nbytes, p2p
 
 
 @dataclass
@@ -62,10 +63,6 @@ class RingPlan:
         }
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def ring_forward(plan: RingPlan, q, kv, mask, scale, backend):
     n, r = len(plan.peers), plan.rank
     nxt, prv = plan.peers[(r + 1) % n], plan.peers[(r - 1) % n]
@@ -81,20 +78,20 @@ def ring_forward(plan: RingPlan, q, kv, mask, scale, backend):
         if cur is not None and plan.pairs[r][j] > 0:
             o, l = kernels.forward(q, cur[0], cur[1], mask, q_pos=plan.positions[r], k_pos=plan.positions[j],
                                    scale=scale, backend=backend)
-            out, lse = (o.to(_acc(q.dtype)), l) if out is None else kernels.merge(out, lse, o, l)
+            out, lse = (o.to(acc_dtype(q.dtype)), l) if out is None else kernels.merge(out, lse, o, l)
         pending.wait()
         spare = cur if cur is not None and cur is not kv else None
         cur = recv
     if out is None:
-        out = torch.zeros(q.shape, dtype=_acc(q.dtype), device=q.device)
-        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=_acc(q.dtype), device=q.device)
+        out = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
     return out.to(q.dtype), lse
 
 
 def ring_backward(plan: RingPlan, dout, q, kv, out, lse, dlse, mask, scale, backend):
     n, r = len(plan.peers), plan.rank
     nxt, prv = plan.peers[(r + 1) % n], plan.peers[(r - 1) % n]
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     own = torch.zeros(kv.shape, dtype=acc, device=kv.device)
     home = torch.empty(kv.shape, dtype=acc, device=kv.device) if plan.reach[r] > 0 else None
@@ -169,7 +166,7 @@ def ring_stats(plan: RingPlan, k, heads_fraction: float = 1.0) -> CPStats:
     are token pairs times the fraction of the heads computed here."""
     n = len(plan.peers)
     block = nbytes((2, *k.shape), k.dtype)
-    acc_block = nbytes((2, *k.shape), _acc(k.dtype))
+    acc_block = nbytes((2, *k.shape), acc_dtype(k.dtype))
     hops = [plan.hops(r) for r in range(n)]
     stats = CPStats(
         bytes_sent=[h["kv_out"] * block for h in hops],
@@ -190,7 +187,7 @@ class Ring(ContextParallel):
         self.reject_unknown(options, self.name)
         self.plan = RingPlan.build(mask, self.indices, self.rank, self.ranks)
 
-    def attention_with_lse(self, q, k, v):
+    def compute(self, q, k, v, with_lse=True):
         self.check_inputs(q, k, v)
         out, lse = RingAttention.apply(q, k, v, self.plan, self.mask, self.scale, self.backend)
         self.stats = ring_stats(self.plan, k)

@@ -38,6 +38,14 @@ class HeadExchange:
             )
         return self.degree // math.gcd(hkv, self.degree)
 
+    def scatter_heads(self, q, k, v):
+        """Local rows of q, k, v -> this rank's heads over the group's rows (K/V heads
+        repeated as `kv_repeats` says); returns (qh, kh, vh, k as sent)."""
+        rep = self.kv_repeats(q.shape[1], k.shape[1])
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return self.to_heads(q), self.to_heads(k), self.to_heads(v), k
+
     def to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H, D] local rows -> [U*T, H/U, D]: every member's rows, this rank's heads."""
         t, h, d = x.shape
@@ -50,6 +58,10 @@ class HeadExchange:
         back = all_to_all(y.contiguous().view(self.degree, n // self.degree, h, d), group=self.group,
                           peers=self.peers, me=self.me)
         return back.transpose(0, 1).reshape(n // self.degree, h * self.degree, d)
+
+    def lse_to_rows(self, lse: torch.Tensor) -> torch.Tensor:
+        """[H/U, U*T] lse of this rank's heads -> [H, T] of its own rows."""
+        return self.to_rows(lse.t().unsqueeze(-1)).squeeze(-1).t()
 
     def bytes_moved(self, q, k) -> int:
         """Bytes one rank sends (= receives) in one pass: q, k, v (K/V heads as repeated)
@@ -71,21 +83,12 @@ class Ulysses(ContextParallel):
         self.all_pos = torch.cat(self.indices)
         self.total_pairs = pair_counts(mask, self.all_pos, self.all_pos)
 
-    def attention(self, q, k, v):
-        return self._run(q, k, v, with_lse=False)[0]
-
-    def attention_with_lse(self, q, k, v):
-        return self._run(q, k, v, with_lse=True)
-
-    def _run(self, q, k, v, with_lse):
+    def compute(self, q, k, v, with_lse=True):
         self.check_inputs(q, k, v)
-        rep = self.exchange.kv_repeats(q.shape[1], k.shape[1])
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        qh, kh, vh = (self.exchange.to_heads(t) for t in (q, k, v))
+        qh, kh, vh, k = self.exchange.scatter_heads(q, k, v)
         out, lse = kernels.attention(qh, kh, vh, self.mask, q_pos=self.all_pos, k_pos=self.all_pos,
                                      scale=self.scale, backend=self.backend)
-        lse_rows = self.exchange.to_rows(lse.t().unsqueeze(-1)).squeeze(-1).t() if with_lse else None
+        lse_rows = self.exchange.lse_to_rows(lse) if with_lse else None
         moved = self.exchange.bytes_moved(q, k)
         self.stats = CPStats([moved] * self.world, [moved] * self.world, [self.total_pairs // self.world] * self.world)
         self.stats.extra["bytes_bwd_sent"] = self.stats.extra["bytes_bwd_recv"] = [moved] * self.world

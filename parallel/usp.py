@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ContextParallel
+from .base import ContextParallel, CPStats
 from .groups import ParallelDims
 from .ring import RingAttention, RingPlan, ring_stats
 from .ulysses import HeadExchange
@@ -51,28 +51,19 @@ class USP(ContextParallel):
         self.plan = RingPlan.build(mask, positions, p, [self.ranks[c] for c in ring_members])
         self.grid = [layout.cp_split(c) for c in range(self.world)]
 
-    def attention(self, q, k, v):
-        return self._run(q, k, v, with_lse=False)[0]
-
-    def attention_with_lse(self, q, k, v):
-        return self._run(q, k, v, with_lse=True)
-
-    def _run(self, q, k, v, with_lse):
+    def compute(self, q, k, v, with_lse=True):
         self.check_inputs(q, k, v)
-        rep = self.exchange.kv_repeats(q.shape[1], k.shape[1])
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        qh, kh, vh = (self.exchange.to_heads(t) for t in (q, k, v))
+        qh, kh, vh, k = self.exchange.scatter_heads(q, k, v)
         out, lse = RingAttention.apply(qh, kh, vh, self.plan, self.mask, self.scale, self.backend)
         self.stats = self.plan_stats(q, k, kh)
-        lse_rows = self.exchange.to_rows(lse.t().unsqueeze(-1)).squeeze(-1).t() if with_lse else None
+        lse_rows = self.exchange.lse_to_rows(lse) if with_lse else None
         return self.exchange.to_rows(out), lse_rows
 
     def plan_stats(self, q, k, kh):
         """Per CP rank: its all-to-all bytes plus the ring bytes of its ring position."""
         ring = ring_stats(self.plan, kh, heads_fraction=1.0 / self.ulysses_degree)
         a2a = self.exchange.bytes_moved(q, k)
-        stats = type(ring)()
+        stats = CPStats()
         for _, p in self.grid:
             stats.bytes_sent.append(a2a + ring.bytes_sent[p])
             stats.bytes_recv.append(a2a + ring.bytes_recv[p])

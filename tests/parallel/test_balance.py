@@ -94,3 +94,15 @@ def test_default_balancer_follows_the_mask():
     assert balance.default_balancer(MaskSpec(causal=True, window=4)) == "headtail"
     assert balance.default_balancer(MaskSpec.from_doc_lens([3, 5], causal=False)) == "contiguous"
     assert balance.default_balancer(MaskSpec.from_doc_lens([3, 5], causal=True)) == "per_doc"
+
+
+@settings(max_examples=30, deadline=None)
+@given(name=st.sampled_from(balance.BALANCERS), world=st.integers(1, 5), rounds=st.integers(1, 4),
+       window=st.one_of(st.none(), st.integers(1, 12)), docs=st.lists(st.integers(1, 20), max_size=4),
+       causal=st.booleans())
+def test_pair_matrix_matches_pairwise_counts(name, world, rounds, window, docs, causal):
+    seqlen = 2 * world * rounds
+    lens = _doc_lens(docs, seqlen) if docs else None
+    mask = MaskSpec.from_doc_lens(lens, causal=causal, window=window) if lens else MaskSpec(causal=causal, window=window)
+    index = balance.assign(name, seqlen, world, mask)
+    assert balance.pair_matrix(mask, index) == [[mask.pairs(q, k) for k in index] for q in index]

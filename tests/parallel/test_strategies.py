@@ -81,8 +81,10 @@ def _bytes(rank, world):
         ("ring/headtail", "ring", MaskSpec(causal=True), "headtail"),
         ("allgather", "allgather", MaskSpec(causal=True), "headtail"),
         ("ulysses", "ulysses", MaskSpec(causal=True), "headtail"),
+        ("usp", "usp", MaskSpec(causal=True), "headtail"),
     ]:
-        cp = parallel.build(strategy, mask, T, balancer=balancer, backend="reference")
+        options = {"ulysses_degree": 2} if strategy == "usp" else {}
+        cp = parallel.build(strategy, mask, T, balancer=balancer, backend="reference", **options)
         cp.attention(cp.shard(q), cp.shard(k), cp.shard(v))
         out[key] = cp.stats
     return out
@@ -107,8 +109,14 @@ def test_bytes_and_pairs_follow_the_formulas():
     # ulysses: 3/4 of q, k, v (K/V heads repeated to 4) and of the output leave each rank
     q_bytes = t_local * hq * d * elem
     assert stats["ulysses"].bytes_sent == [(world - 1) * 4 * q_bytes // world] * world
+    # usp 2x2: half of q, k, v, out leave in the all-to-all (K/V heads already divisible by 2),
+    # then the ring of 2 passes one block of 2*16 rows x 1 K/V head each way
+    kv_row_bytes = hkv * d * elem
+    a2a = (2 * q_bytes + 2 * t_local * kv_row_bytes) // 2
+    ring = 2 * (2 * t_local) * (hkv // 2) * d * elem
+    assert stats["usp"].bytes_sent == [a2a + ring] * world
     total = T * (T + 1) // 2
-    for key in ("ring/causal", "ring/headtail", "allgather", "ulysses"):
+    for key in ("ring/causal", "ring/headtail", "allgather", "ulysses", "usp"):
         assert sum(stats[key].pairs) == total, key
     assert stats["ring/headtail"].imbalance("pairs") <= 1.01
     assert stats["ring/causal"].imbalance("pairs") > 1.5
