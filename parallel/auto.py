@@ -5,12 +5,17 @@ attention pairs per rank under its balancer, exact bytes per rank, a `Hardware` 
 (`parallel.simulator` presets, or "cpu" measured on gloo) -- and the fastest one is built
 and delegated to.  The prediction uses only arguments every rank holds, so all ranks pick
 the same strategy without a collective.  The choice and its predicted time are logged and
-kept in `stats.extra` (`auto_choice`, `auto_predicted_s`).
+kept in `stats.extra` (`auto_choice`, `auto_predicted_s`).  Options: num_heads, num_kv_heads,
+head_dim (required: communication depends on them), hardware (a preset name or a
+`Hardware`; default h100 with CUDA, else the measured "cpu" profile), elem_bytes,
+candidates (strategy names); the rest goes to the chosen strategy.
 """
 from __future__ import annotations
 
 import importlib
 import logging
+
+import torch
 
 from . import STRATEGIES, balance, build
 from .base import ContextParallel
@@ -68,13 +73,14 @@ class Auto(ContextParallel):
             raise ValueError(f"strategy 'auto' needs option(s) {', '.join(missing)} to predict communication; "
                              "pass the model's head counts and head_dim")
         hq, hkv, d = options.pop("num_heads"), options.pop("num_kv_heads"), options.pop("head_dim")
-        hw = options.pop("hardware", "cpu")
+        on_gpu = torch.cuda.is_available()
+        hw = options.pop("hardware", "h100" if on_gpu else "cpu")
         if isinstance(hw, str):
             if hw not in HARDWARE:
                 raise ValueError(f"auto hardware={hw!r} is unknown; choose one of {', '.join(HARDWARE)}")
             hw = HARDWARE[hw]
         names = options.pop("candidates", DEFAULT_CANDIDATES)
-        elem = options.pop("elem_bytes", 4)
+        elem = options.pop("elem_bytes", 2 if on_gpu else 4)  # bf16 on GPU, float32 on CPU
         _, world, _ = group_layout(group)
         lay = Layout(seqlen, hq, hkv, d, elem)
         scored = []

@@ -138,8 +138,10 @@ def bytes_sent(strategy: str, lay: Layout, world: int, *, reach: list[int] | Non
     acc = the same in float32 (gradient accumulators):
       ring:      rank r forwards its current block at `h_r` of the P steps (every step but the
                  last when every block is needed by every rank; fewer when the mask lets a
-                 block stop early, see `ring_reach`):  fwd h_r * block;  bwd h_r * (block +
-                 acc) (K/V again, their dK/dV alongside) + acc per accumulator it sends home.
+                 block stop early, see `ring_reach`):  fwd h_r * block;  bwd h_r * block (K/V
+                 again) + (d_r + o_r) * acc, d_r = the hops after the first (a block's dK/dV
+                 accumulator starts at its first remote rank), o_r = accumulators it returns
+                 home.  Every block needed everywhere: fwd (P-1) block, bwd (P-1)(block + acc).
       allgather: fwd (P-1) * block (gather K/V);  bwd (P-1) * (block + acc) (re-gather K/V,
                  reduce-scatter dK/dV in float32).
       ulysses:   all-to-all keeps 1/P of every tensor at home; Q, K, V out and the output back
@@ -156,7 +158,8 @@ def bytes_sent(strategy: str, lay: Layout, world: int, *, reach: list[int] | Non
     if strategy == "ring":
         plan = RingPlan(0, list(range(p)), [], [], [p - 1] * p if reach is None else list(reach))
         hops = [plan.hops(r) for r in range(p)]
-        return {"fwd": [h[0] * block for h in hops], "bwd": [h[0] * (block + acc) + h[2] * acc for h in hops]}
+        return {"fwd": [h["kv_out"] * block for h in hops],
+                "bwd": [h["kv_out"] * block + (h["dkv_out"] + h["home_out"]) * acc for h in hops]}
     if strategy == "allgather":
         return {"fwd": [(p - 1) * block] * p, "bwd": [(p - 1) * (block + acc)] * p}
     if strategy == "ulysses":

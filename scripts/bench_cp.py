@@ -37,7 +37,7 @@ class BenchConfig:
     peers: list = field(default_factory=lambda: ["deepspeed-ulysses", "torch-cp", "yunchang"])
     balancers: list = field(default_factory=lambda: ["contiguous", "headtail"])
     masks: list = field(default_factory=lambda: ["causal", "document"])
-    seqlens: list = field(default_factory=lambda: [2048])
+    seqlens: list = field(default_factory=lambda: [1024, 2048])
     worlds: list = field(default_factory=lambda: [1, 2])
     heads: list = field(default_factory=lambda: [[8, 8], [8, 2]])
     head_dim: int = 64

@@ -94,7 +94,7 @@ class KernelBaseline:
         return kernels.attention(q, k, v, self.mask)[0]
 
 
-def _build(cell, mask, world):
+def _build(cell, mask):
     if cell["strategy"] == "kernel":
         return KernelBaseline(mask, cell["seqlen"])
     if cell["strategy"].startswith("peer:"):
@@ -201,7 +201,7 @@ def run_cell(cell, device) -> dict | None:
     dtype = getattr(torch, cell["dtype"])
     mask = make_mask(cell)
     q, k, v, dout = _inputs(cell, device, dtype)
-    cp = _build(cell, mask, world)
+    cp = _build(cell, mask)
     local = [cp.shard(x) for x in (q, k, v, dout)]
     fwd_t, bwd_t = [], []
     with PeakRSS(device) as mem:

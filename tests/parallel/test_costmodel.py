@@ -45,7 +45,7 @@ def test_headtail_balances_causal_and_contiguous_does_not():
 def test_bytes_formulas_by_hand():
     lay = Layout(seqlen=1024, hq=8, hkv=2, head_dim=16, elem_bytes=4)
     block = 2 * 256 * 2 * 16 * 4  # K and V of the 256 local tokens, P=4
-    assert bytes_sent("ring", lay, 4) == {"fwd": [3 * block] * 4, "bwd": [3 * 2 * block + block] * 4}
+    assert bytes_sent("ring", lay, 4) == {"fwd": [3 * block] * 4, "bwd": [3 * 2 * block] * 4}
     # contiguous causal: block j is needed up to the last rank only, so rank r forwards the
     # r + 1 blocks 0..r that are still on their way and the last rank forwards nothing
     reach = ring_reach(MaskSpec(causal=True), 1024, balancer_rows("contiguous", 1024, 4))
