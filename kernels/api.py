@@ -42,8 +42,14 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Map 'auto' to the fastest backend for the device; check a named one can run."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, *,
+                    mask: MaskSpec | None = None, q_pos=None, k_pos=None) -> str:
+    """Map 'auto' to the fastest backend that can run this call; check a named one can run.
+
+    auto: on CUDA flash-attn for float16/bfloat16 when the rows fit its varlen layout
+    (each document's rows consecutive; needs mask and positions to decide), else triton;
+    on CPU torch's fused ops (`cpu`), except float64, which goes to `reference`.
+    """
     if backend == "auto":
         if device.type == "cuda":
             order = ("flash", "triton", "reference") if dtype in (torch.float16, torch.bfloat16) else ("triton", "reference")
@@ -51,10 +57,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             order = ("cpu", "reference") if dtype != torch.float64 else ("reference",)
         for name in order:
             try:
-                if backend_module(name).available(device)[0]:
-                    return name
+                mod = backend_module(name)
             except ImportError:
                 continue
+            if mod.available(device)[0] and (name != "flash" or mod.supports(mask, q_pos, k_pos)):
+                return name
         return "reference"
     mod = backend_module(backend)
     ok, why = mod.available(device)
@@ -114,7 +121,7 @@ def attention(q, k, v, mask: MaskSpec, *, q_pos=None, k_pos=None, scale=None, ba
     float64 inputs).  Differentiable in q, k, v (and through lse).
     """
     q_pos, k_pos, scale = validate(q, k, v, mask, q_pos, k_pos, scale)
-    name = resolve_backend(backend, q.device, q.dtype)
+    name = resolve_backend(backend, q.device, q.dtype, mask=mask, q_pos=q_pos, k_pos=k_pos)
     mod = backend_module(name)
     if name == "reference":
         return mod.attention(q, k, v, mask, q_pos, k_pos, scale)
@@ -125,7 +132,7 @@ def forward(q, k, v, mask: MaskSpec, *, q_pos=None, k_pos=None, scale=None, back
     """Non-differentiable forward of one block: (out, lse).  For strategies that write their
     own autograd Function (ring, CAD) and call `backward` on each block."""
     q_pos, k_pos, scale = validate(q, k, v, mask, q_pos, k_pos, scale)
-    mod = backend_module(resolve_backend(backend, q.device, q.dtype))
+    mod = backend_module(resolve_backend(backend, q.device, q.dtype, mask=mask, q_pos=q_pos, k_pos=k_pos))
     with torch.no_grad():
         return mod.forward(q, k, v, mask, q_pos, k_pos, scale)
 
@@ -134,7 +141,7 @@ def backward(dout, q, k, v, out, lse, mask: MaskSpec, *, q_pos=None, k_pos=None,
              dlse=None, backend: str = "auto"):
     """Gradients (dq, dk, dv) of one key block given the final out/lse of the query rows."""
     q_pos, k_pos, scale = validate(q, k, v, mask, q_pos, k_pos, scale)
-    mod = backend_module(resolve_backend(backend, q.device, q.dtype))
+    mod = backend_module(resolve_backend(backend, q.device, q.dtype, mask=mask, q_pos=q_pos, k_pos=k_pos))
     with torch.no_grad():
         return mod.backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse)
 

@@ -30,7 +30,7 @@ class RowInfo:
     @classmethod
     def of(cls, mask: MaskSpec, pos: torch.Tensor) -> "RowInfo":
         pos = pos.to("cpu", torch.long).contiguous()
-        doc = mask.doc_of(pos) if mask.has_docs else torch.zeros_like(pos)
+        doc = mask.doc_of(pos).contiguous() if mask.has_docs else torch.zeros_like(pos)
         brk = torch.ones_like(pos, dtype=torch.bool)
         brk[1:] = (pos[1:] - pos[:-1] != 1) | (doc[1:] != doc[:-1])
         return cls(pos, doc, torch.cumsum(brk.long(), 0) - 1)

@@ -11,7 +11,7 @@ Backward runs the fused backward op per computed tile with the FINAL out/lse of 
 rows, which is exact because the op forms dS = P * (dP - rowsum(dO * O)) from them.
 A gradient of lse enters as one extra head_dim column: zero in q, k, v, `-dlse` in out
 and 1 in dout, so the op's rowsum(dO * O) becomes rowsum(dO * O) - dlse.
-The op maps query head h to kv head h // G itself (GQA/MQA without repeating K/V).
+Both ops map query head h to kv head h // G themselves (GQA/MQA without repeating K/V).
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, tiles: list[Tile]) ->
             tiles.append(Tile(qa - shift, qb, ka, kb, CAUSAL))
         return
     if qb - qa <= TILE and kb - ka <= TILE:
-        tiles.append(Tile(qa, qb, ka, kb, MASKED))
+        if bool(mask.allowed(qi.pos[qa:qb], ki.pos[ka:kb]).any()):  # ranges cannot prove all hidden
+            tiles.append(Tile(qa, qb, ka, kb, MASKED))
         return
     for q0, q1 in _halves(qa, qb):
         for k0, k1 in _halves(ka, kb):
@@ -157,24 +158,12 @@ def backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse=None):
 
 
 def _tile_backward(t: Tile, dout, q, k, v, out, lse, mask, q_pos, k_pos, scale):
-    """(dq, dk, dv) of one tile as [T, H, D] tensors.  The backward op does not group
-    heads, so it runs once per group member g: query heads g, g+G, ... pair with kv heads
-    0, 1, ... in order (head h uses kv head h // G)."""
+    """(dq, dk, dv) of one tile as [T, H, D] views (the op sums dk/dv over each group)."""
     bias, _ = _tile_mask(mask, q_pos, k_pos, t, q.dtype)
     rows, keys = slice(t.q0, t.q1), slice(t.k0, t.k1)
-    group = q.shape[1] // k.shape[1]
-    kt, vt = _bhtd(k[keys]), _bhtd(v[keys])
-    dq = torch.empty_like(q[rows])
-    dk = dv = None
-    for g in range(group):
-        heads = slice(g, None, group)
-        gq, gk, gv = _bwd(_bhtd(dout[rows, heads]), _bhtd(q[rows, heads]), kt, vt,
-                          _bhtd(out[rows, heads]), lse[heads, rows].unsqueeze(0).contiguous(), 0.0,
-                          t.kind == CAUSAL, attn_mask=bias, scale=scale)
-        dq[:, heads] = gq[0].permute(1, 0, 2)
-        dk = gk[0] if dk is None else dk + gk[0]
-        dv = gv[0] if dv is None else dv + gv[0]
-    return dq, dk.permute(1, 0, 2), dv.permute(1, 0, 2)
+    grads = _bwd(_bhtd(dout[rows]), _bhtd(q[rows]), _bhtd(k[keys]), _bhtd(v[keys]), _bhtd(out[rows]),
+                 lse[:, rows].unsqueeze(0).contiguous(), 0.0, t.kind == CAUSAL, attn_mask=bias, scale=scale)
+    return tuple(g[0].permute(1, 0, 2) for g in grads)
 
 
 def available(device) -> tuple[bool, str]:

@@ -131,6 +131,17 @@ def backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse=None):
     return dq, dk, dv
 
 
+def supports(mask: MaskSpec | None, q_pos, k_pos) -> bool:
+    """True when these rows fit the varlen layout (one run of positions per document)."""
+    if mask is None or q_pos is None or k_pos is None:
+        return False
+    try:
+        _groups(mask, q_pos, k_pos)
+    except ValueError:
+        return False
+    return True
+
+
 def available(device) -> tuple[bool, str]:
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return False, "the flash backend needs a CUDA device"

@@ -32,15 +32,19 @@ def _setup(q, k, mask, q_pos, k_pos):
     qi, ki = RowInfo.of(mask, q_pos), RowInfo.of(mask, k_pos)
     kinds = classify(mask, qi.block_stats(block)[:, None], ki.block_stats(block)[None, :])
     return dict(
-        q_pos=qi.pos.to(dev), k_pos=ki.pos.to(dev), q_doc=qi.doc.contiguous().to(dev), k_doc=ki.doc.contiguous().to(dev),
+        q_pos=qi.pos.to(dev), k_pos=ki.pos.to(dev), q_doc=qi.doc.to(dev), k_doc=ki.doc.to(dev),
         kinds=kinds.contiguous().to(dev),
-        Tq=q.shape[0], Tk=k.shape[0], Hq=q.shape[1], G=q.shape[1] // k.shape[1],
+        Tq=q.shape[0], Tk=k.shape[0], G=q.shape[1] // k.shape[1],
         D=q.shape[2], CAUSAL=mask.is_causal, WINDOW=mask.window or 0, HAS_DOCS=mask.has_docs,
+        PREC="ieee" if q.dtype == torch.float32 else None,  # no TF32 rounding for float32
         BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, 1 << (q.shape[2] - 1).bit_length()),
     )
 
 
 def forward(q, k, v, mask, q_pos, k_pos, scale):
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        return torch.zeros_like(q), lse
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     args = _setup(q, k, mask, q_pos, k_pos)
     out = torch.empty_like(q)
@@ -53,6 +57,8 @@ def forward(q, k, v, mask, q_pos, k_pos, scale):
 
 
 def backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse=None):
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout = dout.to(q.dtype).contiguous()
     args = _setup(q, k, mask, q_pos, k_pos)

@@ -37,9 +37,9 @@ def _allowed(offs_m, offs_n, q_pos, k_pos, q_doc, k_doc, Tq, Tk,
 
 @triton.jit
 def fwd_kernel(Q, K, V, O, LSE, q_pos, k_pos, q_doc, k_doc, kinds,
-               Tq, Tk, Hq, G, scale,
+               Tq, Tk, G, scale,
                sqt, sqh, skt, skh, sot, soh,
-               D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+               D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     qb = tl.program_id(0)
     h = tl.program_id(1)
@@ -60,7 +60,7 @@ def fwd_kernel(Q, K, V, O, LSE, q_pos, k_pos, q_doc, k_doc, kinds,
             kv_mask = (offs_n < Tk)[:, None] & in_d[None, :]
             k = tl.load(K + offs_n[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + offs_n[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
             ok = _allowed(offs_m, offs_n, q_pos, k_pos, q_doc, k_doc, Tq, Tk, CAUSAL, WINDOW, HAS_DOCS)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -68,7 +68,7 @@ def fwd_kernel(Q, K, V, O, LSE, q_pos, k_pos, q_doc, k_doc, kinds,
             p = tl.exp(s - m_use[:, None])
             alpha = tl.exp(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
             m_i = m_new
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -81,21 +81,21 @@ def fwd_kernel(Q, K, V, O, LSE, q_pos, k_pos, q_doc, k_doc, kinds,
 
 @triton.jit
 def _probs_grad(q, k, v, do, lse, delta, offs_m, offs_n, q_pos, k_pos, q_doc, k_doc, Tq, Tk, scale,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PREC: tl.constexpr):
     """P [M, N] and dS [M, N] of one tile (dS without the softmax scale)."""
-    s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
     ok = _allowed(offs_m, offs_n, q_pos, k_pos, q_doc, k_doc, Tq, Tk, CAUSAL, WINDOW, HAS_DOCS)
     p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(tl.float32)
     ds = p * (dp - delta[:, None])
     return p, ds
 
 
 @triton.jit
 def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, q_pos, k_pos, q_doc, k_doc, kinds,
-                Tq, Tk, Hq, G, scale,
+                Tq, Tk, G, scale,
                 sqt, sqh, skt, skh, sdkt, sdkh,
-                D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One key block of one kv head; loops over its G query heads and all query blocks."""
     kb = tl.program_id(0)
@@ -123,18 +123,18 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, q_pos, k_pos, q_doc, k_doc, kin
                 lse = tl.load(LSE + h * Tq + offs_m, mask=in_m, other=float("inf"))
                 delta = tl.load(DELTA + h * Tq + offs_m, mask=in_m, other=0.0)
                 p, ds = _probs_grad(q, k, v, do, lse, delta, offs_m, offs_n, q_pos, k_pos, q_doc, k_doc,
-                                    Tq, Tk, scale, CAUSAL, WINDOW, HAS_DOCS)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do).to(tl.float32)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q).to(tl.float32)
+                                    Tq, Tk, scale, CAUSAL, WINDOW, HAS_DOCS, PREC)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC).to(tl.float32)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC).to(tl.float32)
     tl.store(DK + offs_n[:, None] * sdkt + kvh * sdkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + offs_n[:, None] * sdkt + kvh * sdkh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, q_pos, k_pos, q_doc, k_doc, kinds,
-              Tq, Tk, Hq, G, scale,
+              Tq, Tk, G, scale,
               sqt, sqh, skt, skh,
-              D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+              D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One query block of one query head; loops over the key blocks it sees."""
     qb = tl.program_id(0)
@@ -159,6 +159,6 @@ def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, q_pos, k_pos, q_doc, k_doc, kinds,
             k = tl.load(K + offs_n[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + offs_n[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
             _, ds = _probs_grad(q, k, v, do, lse, delta, offs_m, offs_n, q_pos, k_pos, q_doc, k_doc,
-                                Tq, Tk, scale, CAUSAL, WINDOW, HAS_DOCS)
-            dq += tl.dot(ds.to(k.dtype), k).to(tl.float32)
+                                Tq, Tk, scale, CAUSAL, WINDOW, HAS_DOCS, PREC)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC).to(tl.float32)
     tl.store(DQ + offs_m[:, None] * sqt + h * sqh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)

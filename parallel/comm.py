@@ -55,15 +55,20 @@ def p2p(sends=(), recvs=()) -> Pending:
     return Pending(dist.batch_isend_irecv(ops) if ops else [])
 
 
+# newer torch names them *_single (the *_tensor names are deprecated there); older has only those
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     out = torch.empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _all_gather(out, x.contiguous(), group=group)
     return out
 
 
 def reduce_scatter_rows(x: torch.Tensor, group) -> torch.Tensor:
     out = torch.empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    _reduce_scatter(out, x.contiguous(), group=group)
     return out
 
 

@@ -8,10 +8,10 @@ buffer) so communication hides behind it.  A block travels only as far as the la
 whose queries the mask lets see it (`reach[j]`): causal, document and window masks skip
 hidden blocks and stop blocks that are out of every later query's reach.
 
-Backward is a second ring pass: K/V go round again, and the dK/dV of block j (float32)
-travel with it, each rank adding its contribution from kernels.backward (which takes the
-final out/lse of its query rows); after the last rank in reach the accumulator is sent
-straight home.  Tags keep the three kinds of messages apart: kv (s), dkv (P + s),
+Backward is a second ring pass: K/V go round again, and from the first hop on a float32
+dK/dV accumulator of block j travels with it, each rank adding its contribution from
+kernels.backward (which takes the final out/lse of its query rows); the last rank in reach
+sends it straight home, where it is added to the home rank's own contribution.  Tags keep the three kinds of messages apart: kv (s), dkv (P + s),
 home (2P + 1).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import kernels
 
 from .balance import pair_matrix
 from .base import ContextParallel, CPStats
-from .comm import nbytes, p2p
+from .comm import Pending, nbytes, p2p
 
 
 @dataclass
@@ -48,13 +48,18 @@ class RingPlan:
         """Does position r pass its step-s block on to r + 1?"""
         return s + 1 <= self.reach[(r - s) % len(self.peers)]
 
-    def hops(self, r: int) -> tuple[int, int, int, int]:
-        """(blocks sent, blocks received, home returns sent, home returns received) by r."""
+    def hops(self, r: int) -> dict[str, int]:
+        """Messages of position r: K/V blocks sent/received (forward; again in backward),
+        dK/dV accumulators passed on/received, and accumulators returned home out/in."""
         n = len(self.peers)
-        sent = sum(self.sends(r, s) for s in range(n))
-        recv = sum(self.sends((r - 1) % n, s) for s in range(n))
-        home_out = sum(1 for j in range(n) if self.reach[j] > 0 and (j + self.reach[j]) % n == r)
-        return sent, recv, home_out, int(self.reach[r] > 0)
+        return {
+            "kv_out": sum(self.sends(r, s) for s in range(n)),
+            "kv_in": sum(self.sends((r - 1) % n, s) for s in range(n)),
+            "dkv_out": sum(self.sends(r, s) for s in range(1, n)),
+            "dkv_in": sum(self.sends((r - 1) % n, s) for s in range(1, n)),
+            "home_out": sum(1 for j in range(n) if self.reach[j] > 0 and (j + self.reach[j]) % n == r),
+            "home_in": int(self.reach[r] > 0),
+        }
 
 
 def _acc(dtype):
@@ -91,12 +96,9 @@ def ring_backward(plan: RingPlan, dout, q, kv, out, lse, dlse, mask, scale, back
     nxt, prv = plan.peers[(r + 1) % n], plan.peers[(r - 1) % n]
     acc = _acc(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    home = None
-    if plan.reach[r] > 0:
-        home = torch.empty(kv.shape, dtype=acc, device=kv.device)
-        home_pending = p2p(recvs=[(home, plan.peers[(r + plan.reach[r]) % n], 2 * n + 1)])
-    sent, own = [], None
-    cur, spare, dkv_in, dkv_pending = kv, None, None, None
+    own = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+    home = torch.empty(kv.shape, dtype=acc, device=kv.device) if plan.reach[r] > 0 else None
+    cur, spare, dkv_in, last = kv, None, None, Pending([])
     for s in range(n):
         j = (r - s) % n
         recv = None
@@ -104,7 +106,7 @@ def ring_backward(plan: RingPlan, dout, q, kv, out, lse, dlse, mask, scale, back
             recv = spare if spare is not None else torch.empty_like(kv)
         kv_pending = p2p([(cur, nxt, s + 1)] if cur is not None and plan.sends(r, s) else [],
                          [(recv, prv, s + 1)] if recv is not None else [])
-        sends = []
+        sends, recvs = [], []
         if cur is not None:
             grads = None
             if plan.pairs[r][j] > 0:
@@ -112,33 +114,33 @@ def ring_backward(plan: RingPlan, dout, q, kv, out, lse, dlse, mask, scale, back
                                          k_pos=plan.positions[j], scale=scale, dlse=dlse, backend=backend)
                 dq += grads[0]
             if s == 0:
+                dkv = own
+            elif s == 1:
                 dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
             else:
-                dkv_pending.wait()
+                last.wait()  # the accumulator arriving with this block
                 dkv = dkv_in
             if grads is not None:
                 dkv[0] += grads[1]
                 dkv[1] += grads[2]
-            if plan.sends(r, s):
-                sends.append((dkv, nxt, n + s + 1))
-            elif s > 0:
-                sends.append((dkv, plan.peers[j], 2 * n + 1))
-            else:
-                own = dkv
-        recvs = []
-        if plan.sends((r - 1) % n, s):
+            if s > 0:
+                sends.append((dkv, nxt, n + s + 1) if plan.sends(r, s) else (dkv, plan.peers[j], 2 * n + 1))
+        if s > 0 and plan.sends((r - 1) % n, s):
             dkv_in = torch.empty(kv.shape, dtype=acc, device=kv.device)
             recvs.append((dkv_in, prv, n + s + 1))
-        sent.append(p2p(sends, []))
-        dkv_pending = p2p([], recvs)
+        if s > 0 and s == plan.reach[r]:
+            recvs.append((home, plan.peers[(r + s) % n], 2 * n + 1))
+        # sends and receives of one exchange go in one batch (NCCL needs that to avoid a
+        # ring deadlock, and matches P2P messages by order, so both sides post in step order)
+        batch = p2p(sends, recvs)
         kv_pending.wait()
+        last.wait()
+        last = batch
         spare = cur if cur is not None and cur is not kv else None
         cur = recv
-    for pending in sent:
-        pending.wait()
+    last.wait()
     if home is not None:
-        home_pending.wait()
-        own = home
+        own += home
     return dq.to(q.dtype), own[0].to(kv.dtype), own[1].to(kv.dtype)
 
 
@@ -162,19 +164,20 @@ class RingAttention(torch.autograd.Function):
 
 
 def ring_stats(plan: RingPlan, k, heads_fraction: float = 1.0) -> CPStats:
-    """Bytes per ring position: forward kv hops; backward (extra['bytes_bwd']) kv + dkv hops
-    and home returns.  pairs are token pairs times the fraction of heads computed here."""
+    """Bytes per ring position: forward K/V hops; backward (extra['bytes_bwd_*']) the K/V
+    hops again plus the float32 dK/dV accumulators (passed on, and returned home).  pairs
+    are token pairs times the fraction of the heads computed here."""
     n = len(plan.peers)
     block = nbytes((2, *k.shape), k.dtype)
     acc_block = nbytes((2, *k.shape), _acc(k.dtype))
     hops = [plan.hops(r) for r in range(n)]
     stats = CPStats(
-        bytes_sent=[h[0] * block for h in hops],
-        bytes_recv=[h[1] * block for h in hops],
+        bytes_sent=[h["kv_out"] * block for h in hops],
+        bytes_recv=[h["kv_in"] * block for h in hops],
         pairs=[int(sum(plan.pairs[r]) * heads_fraction) for r in range(n)],
     )
-    stats.extra["bytes_bwd_sent"] = [h[0] * (block + acc_block) + h[2] * acc_block for h in hops]
-    stats.extra["bytes_bwd_recv"] = [h[1] * (block + acc_block) + h[3] * acc_block for h in hops]
+    stats.extra["bytes_bwd_sent"] = [h["kv_out"] * block + (h["dkv_out"] + h["home_out"]) * acc_block for h in hops]
+    stats.extra["bytes_bwd_recv"] = [h["kv_in"] * block + (h["dkv_in"] + h["home_in"]) * acc_block for h in hops]
     return stats
 
 

@@ -5,7 +5,8 @@ Invariant.  Before the kernel, rank u of a degree-U group holds every group memb
 heads is independent, so the kernel's result on those heads is exact, and the reverse
 all-to-all returns each rank its rows for all heads.  GQA: when U exceeds Hkv, K/V heads
 are repeated the fewest times that make their count a multiple of U (each query head
-still meets its own K/V head); autograd sums the copies' gradients back.
+still meets its own K/V head); autograd sums the copies' gradients back.  Any degree that
+divides Hq can serve any Hkv that way.
 
 The exchange pieces (`HeadExchange`) are shared with the hybrid `usp` strategy.
 """
@@ -29,22 +30,18 @@ class HeadExchange:
         self.peers, self.me, self.group, self.degree = list(peers), me, group, len(peers)
 
     def kv_repeats(self, hq: int, hkv: int) -> int:
-        """How many times each K/V head is repeated so the degree divides the K/V heads."""
-        u = self.degree
-        if hq % u:
-            raise ValueError(f"ulysses_degree={u} must divide the query heads Hq={hq}; choose a degree dividing {hq}")
-        rep = u // math.gcd(hkv, u)
-        if hq % (hkv * rep):
+        """How many times each K/V head is repeated so the degree divides the K/V heads:
+        U / gcd(Hkv, U), giving lcm(Hkv, U) heads, which divides Hq whenever U does."""
+        if hq % self.degree:
             raise ValueError(
-                f"ulysses_degree={u} cannot serve Hq={hq}, Hkv={hkv}: repeating K/V heads {rep}x gives "
-                f"{hkv * rep} heads, which do not divide Hq; choose a degree dividing Hkv or Hq/Hkv*Hkv"
+                f"ulysses_degree={self.degree} must divide the query heads Hq={hq}; choose a degree dividing {hq}"
             )
-        return rep
+        return self.degree // math.gcd(hkv, self.degree)
 
     def to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H, D] local rows -> [U*T, H/U, D]: every member's rows, this rank's heads."""
         t, h, d = x.shape
-        chunks = x.view(t, self.degree, h // self.degree, d).transpose(0, 1).contiguous()
+        chunks = x.reshape(t, self.degree, h // self.degree, d).transpose(0, 1).contiguous()
         return all_to_all(chunks, group=self.group, peers=self.peers, me=self.me).view(-1, h // self.degree, d)
 
     def to_rows(self, y: torch.Tensor) -> torch.Tensor:

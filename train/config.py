@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from models.llama import LlamaConfig
 
@@ -111,5 +112,8 @@ class Config:
 
 
 def register() -> None:
-    """Store the schema as `base_config`, which conf/config.yaml names first in its defaults."""
+    """Store the schema as `base_config`, which conf/config.yaml names first in its defaults,
+    and the `div` resolver the YAML uses for derived sizes (head_dim = dim / n_heads)."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("div"):
+        OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))

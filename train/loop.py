@@ -75,6 +75,8 @@ def validate(cfg, world: int) -> ParallelDims:
         raise ValueError(f"parallel.strategy={p.strategy!r} is unknown; choose one of {', '.join(parallel.STRATEGIES)}")
     if p.tp < 1 or p.dp < 1 or world % (p.tp * p.dp):
         raise ValueError(f"parallel.tp={p.tp} * parallel.dp={p.dp} must divide the number of ranks ({world})")
+    if p.tp > 1 and cfg.engine.name != "megatron":
+        raise ValueError(f"parallel.tp={p.tp} needs engine=megatron (engine={cfg.engine.name} has no tensor parallelism)")
     cp = world // (p.tp * p.dp) if p.cp is None else p.cp
     if p.strategy == "none" and cp != 1:
         raise ValueError(
@@ -96,6 +98,29 @@ def run_dir(tcfg) -> str:
     return os.path.join("runs", time.strftime("%Y-%m-%d/%H-%M-%S"))
 
 
+def micro_step(seq, cfg, engine, cp_group, device, amp_dtype, last: bool) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of one packed sequence under the CP strategy.  Returns this rank's
+    loss (the module docstring's loss_local, detached) and the attention work it did."""
+    mask = build_mask(seq.doc_lens, cfg.train)
+    seqlen = cfg.data.seqlen
+    cp = parallel.build(cfg.parallel.strategy, mask, seqlen, group=cp_group,
+                        balancer=cfg.parallel.balancer, **cfg.parallel.options)
+    labels = next_token_labels(seq.tokens, None if cfg.train.mask == "causal" else seq.doc_lens)
+    n_predicted = max(int((labels != -100).sum()), 1)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = engine.module(cp.shard(seq.tokens.to(device)), cp.positions.to(device), cp.attention)
+    local = F.cross_entropy(logits.float(), cp.shard(labels.to(device)), ignore_index=-100, reduction="sum")
+    loss = local / n_predicted
+    engine.backward(loss, last_micro=last)
+    stats = cp.stats
+    cp_rank = dist.get_rank(cp_group) if cp_group is not None else 0
+    return loss.detach(), {
+        "pairs": attention_pairs(seq.doc_lens, seqlen, cfg.train.mask, cfg.train.window),
+        "attn_imbalance": stats.imbalance("pairs") if stats.pairs else 1.0,
+        "comm_bytes": stats.bytes_sent[cp_rank] + stats.bytes_recv[cp_rank] if stats.bytes_sent else 0,
+    }
+
+
 def run(cfg) -> list[dict]:
     """Train for cfg.train.steps steps; returns every step's metrics (identical losses on all ranks)."""
     if isinstance(cfg, DictConfig):
@@ -104,15 +129,13 @@ def run(cfg) -> list[dict]:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     dims = validate(cfg, world)
     device, amp_dtype = resolve_device(cfg.train)
-    groups = dims.build() if distributed else None
-    dp_rank = groups.dp_rank if groups else 0
-    cp_group = groups.cp_group if groups else None
-
-    loader = build_loader(cfg.data, cfg.train.seed, dp_rank, dims.dp)
+    loader = build_loader(cfg.data, cfg.train.seed, dims.coordinates(rank)[0], dims.dp)
     vocab = cfg.model.vocab_size or loader.corpus.vocab_size
     if vocab < loader.corpus.vocab_size:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({loader.corpus.vocab_size})")
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+    groups = dims.build() if distributed else None  # the first collective: every check is above
+    cp_group = groups.cp_group if groups else None
     torch.manual_seed(cfg.train.seed)
     model = Llama(model_cfg).to(device)
     engine = engines.build(cfg.engine.name, model, cfg, groups)
@@ -128,26 +151,11 @@ def run(cfg) -> list[dict]:
         pairs = comm = 0
         imbalance = []
         for micro in range(accum):
-            seq = next(loader)
-            mask = build_mask(seq.doc_lens, cfg.train)
-            cp = parallel.build(cfg.parallel.strategy, mask, seqlen, group=cp_group,
-                                balancer=cfg.parallel.balancer, **cfg.parallel.options)
-            labels = next_token_labels(seq.tokens, None if cfg.train.mask == "causal" else seq.doc_lens)
-            n_predicted = max(int((labels != -100).sum()), 1)
-            tokens = cp.shard(seq.tokens.to(device))
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = engine.module(tokens, cp.positions.to(device), cp.attention)
-            local = F.cross_entropy(logits.float(), cp.shard(labels.to(device)), ignore_index=-100, reduction="sum")
-            loss = local / n_predicted
-            engine.backward(loss, last_micro=micro == accum - 1)
-            loss_sum += loss.detach() / accum
-            pairs += attention_pairs(seq.doc_lens, seqlen, cfg.train.mask, cfg.train.window)
-            stats = cp.stats
-            if stats.pairs:
-                imbalance.append(stats.imbalance("pairs"))
-            if stats.bytes_sent:
-                cp_rank = groups.cp_rank if groups else 0
-                comm += stats.bytes_sent[cp_rank] + stats.bytes_recv[cp_rank]
+            loss, work = micro_step(next(loader), cfg, engine, cp_group, device, amp_dtype, last=micro == accum - 1)
+            loss_sum += loss / accum
+            pairs += work["pairs"]
+            comm += work["comm_bytes"]
+            imbalance.append(work["attn_imbalance"])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t1 = time.perf_counter()
@@ -166,7 +174,7 @@ def run(cfg) -> list[dict]:
         metrics = {
             "step": step, "loss": loss_value, "lr": out["lr"], "grad_norm": out["grad_norm"],
             **throughput(tokens=tokens_step, step_s=t2 - t0, world=world, flops_per_token=flops_per_token, peak=peak),
-            "attn_imbalance": sum(imbalance) / len(imbalance) if imbalance else 1.0,
+            "attn_imbalance": sum(imbalance) / len(imbalance),
             "comm_bytes": comm,
             "memory/peak_mb": peak_memory_mb(device),
             "time/step_s": t2 - t0, "time/fwd_bwd_s": t1 - t0, "time/optim_s": t2 - t1,

@@ -7,6 +7,12 @@ servers, runs each server's tasks as one kernel call, and sends the outputs back
 reverses it (dO out, dQ/dK/dV back, dK/dV of keys held by several servers summed).
 With `pingpong=True` the tasks are split into two nano-batches whose communication and
 compute overlap (see pingpong.py).
+
+Options: epsilon (balance tolerance), backend (kernel backend; also picks the calibrated task
+overhead), pingpong, task_overhead_pairs (override the calibration), scale.
+stats: pairs = pairs each rank computes as a server; bytes_sent / bytes_recv = forward traffic
+(Q, K/V to servers, outputs back); backward moves the same bytes the other way.  extra holds
+pairs before/after planning, planner time and the forward/ping-pong timing breakdown.
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ class CAD(base.ContextParallel):
         self.world = dist.get_world_size(self.group)
         self.mask, self.seqlen, self.backend, self.scale = mask, seqlen, backend, scale
         self.pingpong = bool(pingpong)
+        self._bytes_cache = {}
         error, fingerprint = None, -1
         try:
             self.plan = self._plan(balancer, epsilon, task_overhead_pairs)
@@ -73,14 +80,20 @@ class CAD(base.ContextParallel):
             raise ValueError(f"the mask's documents cover {self.mask.seqlen} tokens but seqlen={self.seqlen}; "
                              "every document must fit in the batch (split or trim documents longer than seqlen)")
         doc_lens = self.mask.doc_lens if self.mask.has_docs else [self.seqlen]
-        backend = self.backend if self.backend != "auto" else "default"
+        if self.mask.has_docs and len(doc_lens) != self.mask.doc_of(torch.arange(self.seqlen)).unique().numel():
+            raise ValueError("mask doc_ids repeat an id in separate runs; cad needs every document to be one "
+                             "contiguous run of positions (renumber the runs or pass cu_seqlens)")
+        backend = self.backend  # whose calibrated task overhead to plan with; "auto" -> by process-group kind
+        if backend == "auto":
+            backend = "default" if dist.get_backend(self.group) == "nccl" else "cpu"
         return plan(doc_lens, self.seqlen // self.world, MaskKind.of(self.mask), epsilon=epsilon,
                     backend=backend, task_overhead_pairs=task_overhead_pairs)
 
     def _check_agreement(self, error, fingerprint):
         """One all_gather every rank enters; then every rank raises if any rank failed or
         the plans differ, so no rank is left waiting in a later collective."""
-        mine = torch.tensor([fingerprint, 0 if error is None else 1], dtype=torch.long)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else "cpu"
+        mine = torch.tensor([fingerprint, 0 if error is None else 1], dtype=torch.long, device=device)
         every = [torch.zeros_like(mine) for _ in range(self.world)]
         dist.all_gather(every, mine, group=self.group)
         if error is not None:
@@ -101,10 +114,14 @@ class CAD(base.ContextParallel):
         if self.pingpong:
             out, timing = PingPong.run(q, k, v, self)
         else:
-            lay = self.layout
-            q_s, k_s, v_s = exchange(q, lay.q, self.group), exchange(k, lay.kv, self.group), exchange(v, lay.kv, self.group)
+            lay, g = self.layout, self.group
+            q_s, k_s, v_s = exchange(q, lay.q, g), exchange(k, lay.kv, g), exchange(v, lay.kv, g)
+            t1 = time.perf_counter()
             out_s, _ = serve(q_s, k_s, v_s, lay.q_pos, lay.kv_pos, self.mask, scale=self.scale, backend=self.backend)
-            out, timing = exchange(out_s, lay.back, self.group), {}
+            t2 = time.perf_counter()
+            out = exchange(out_s, lay.back, g)
+            # blocking collectives: their time is exposed, nothing overlaps (compare ping-pong's wait)
+            timing = {"fwd_compute_s": t2 - t1, "fwd_comm_s": (t1 - t0) + (time.perf_counter() - t2)}
         self._record(q, k, time.perf_counter() - t0, timing)
         return out
 
@@ -112,7 +129,9 @@ class CAD(base.ContextParallel):
         p = self.plan
         q_bytes = q.shape[1] * q.shape[2] * q.element_size()
         kv_bytes = 2 * k.shape[1] * k.shape[2] * k.element_size()
-        self.stats.bytes_sent, self.stats.bytes_recv = _traffic(p, q_bytes, kv_bytes)
+        if (q_bytes, kv_bytes) not in self._bytes_cache:  # every layer calls with the same shapes
+            self._bytes_cache[q_bytes, kv_bytes] = _traffic(p, q_bytes, kv_bytes)
+        self.stats.bytes_sent, self.stats.bytes_recv = map(list, self._bytes_cache[q_bytes, kv_bytes])
         self.stats.pairs = list(p.pairs_after)
         self.stats.extra = timing  # ping-pong's backward adds its timings to this dict later
         timing.update({

@@ -41,3 +41,10 @@ def test_window_translation_reproduces_the_mask(mask_name, layout):
 def test_scattered_positions_are_rejected():
     with pytest.raises(ValueError, match="q_pos: the flash backend needs each document"):
         flash._groups(MaskSpec(causal=True), torch.arange(0, T, 2), torch.arange(T))
+
+
+def test_supports_only_one_run_per_document():
+    mask = masks()["causal+document+window"]
+    assert flash.supports(mask, torch.arange(5, 30), torch.arange(T))
+    assert not flash.supports(mask, torch.arange(0, T, 2), torch.arange(T))
+    assert not flash.supports(None, None, None)

@@ -63,6 +63,7 @@ def test_warmup_then_cosine():
     (["parallel.dp=3"], 2, "parallel.dp"),
     ([], 2, "parallel.strategy=none with cp=2"),
     (["parallel=ring", "parallel.cp=4"], 2, r"tp\*cp=1\*4"),
+    (["parallel=ring", "parallel.tp=2"], 2, "engine=megatron"),
 ])
 def test_bad_settings_raise_value_error_naming_them(overrides, world, match):
     with pytest.raises(ValueError, match=match):
@@ -81,7 +82,23 @@ def test_app_trains_with_progress_bar_and_offline_wandb(tmp_path):
     assert "train: 100%" in proc.stderr and "40/40" in proc.stderr
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
-    log = (tmp_path / "main.log").read_text()
+    log = (tmp_path / "train.log").read_text()
     summary = log.split("trained 40 steps: loss ")[1]
     first, last = float(summary.split(" ")[0]), float(summary.split("-> ")[1].split(" ")[0])
     assert last < first - 1.0
+
+
+def test_trains_on_a_prepared_token_folder(tmp_path):
+    from scripts.prepare_data import prepare
+    from train.loop import run
+
+    (tmp_path / "in").mkdir()
+    for i in range(5):
+        (tmp_path / "in" / f"{i}.txt").write_text(f"document {i}: " + "abc " * (10 + 7 * i))
+    prepare(str(tmp_path / "in"), str(tmp_path / "tok"))
+    common = ["data.seqlen=64", "model.dim=32", "train.steps=3", "logger=disabled", "train.progress=false",
+              f"train.out_dir={tmp_path}"]
+    history = run(config("data=tokens", f"data.path={tmp_path / 'tok'}", *common))
+    assert len(history) == 3 and all(m["tokens_per_s"] > 0 for m in history)
+    with pytest.raises(ValueError, match="model.vocab_size=100"):
+        run(config("data=tokens", f"data.path={tmp_path / 'tok'}", "model.vocab_size=100", *common))

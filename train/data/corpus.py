@@ -66,6 +66,9 @@ class SyntheticCorpus:
 
     def __init__(self, doclens_path: str | None, seqlen: int, context: int, vocab_size: int, seed: int, num_docs: int):
         if doclens_path:
+            if not Path(doclens_path).is_file():
+                raise ValueError(f"data.doclens={doclens_path!r} does not exist; give a JSON list of document lengths "
+                                 "(or data.doclens=null for documents of length seqlen)")
             source = np.asarray(json.loads(Path(doclens_path).read_text()), dtype=np.float64)
             if source.ndim != 1 or source.size == 0 or (source <= 0).any():
                 raise ValueError(f"data.doclens={doclens_path!r} must be a JSON list of positive ints")

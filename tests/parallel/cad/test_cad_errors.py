@@ -30,6 +30,7 @@ def _errors(rank, world):
            lambda: parallel.build("cad", MaskSpec(causal=True), 16 if rank == 0 else 15))
     # a document longer than the whole batch
     expect("every document must fit", lambda: parallel.build("cad", MaskSpec.from_doc_lens([40]), 16))
+    expect("contiguous run", lambda: parallel.build("cad", MaskSpec(causal=True, doc_ids=torch.tensor([0] * 8 + [1] * 4 + [0] * 4)), 16))
     expect("epsilon", lambda: parallel.build("cad", mask, 16, epsilon=0))
     expect("balancer", lambda: parallel.build("cad", mask, 16, balancer="headtail"))
     cp = parallel.build("cad", mask, 16)
@@ -40,4 +41,4 @@ def _errors(rank, world):
 
 def test_bad_settings_raise_on_every_rank():
     seen = run_ranks(_errors, 2)
-    assert all(len(s) == 6 for s in seen)
+    assert all(len(s) == 7 for s in seen)

@@ -7,7 +7,7 @@ import torch
 
 from tests.distributed import run_ranks
 
-MASKS = ("causal", "document", "window", "document+window")
+MASKS = ("causal", "document", "window", "document+window", "bidirectional document")
 
 
 def _mask(kind, doc_lens):
@@ -15,7 +15,7 @@ def _mask(kind, doc_lens):
     docs = "document" in kind
     window = 5 if "window" in kind else None
     if docs:
-        return MaskSpec.from_doc_lens(doc_lens, causal=True, window=window)
+        return MaskSpec.from_doc_lens(doc_lens, causal=not kind.startswith("bidirectional"), window=window)
     return MaskSpec(causal=True, window=window)
 
 
@@ -64,9 +64,21 @@ def _check(rank, world, modes):
                 assert cp.positions.tolist() == list(range(rank * seqlen // world, (rank + 1) * seqlen // world))
                 assert sum(cp.stats.pairs) == mask.pairs(torch.arange(seqlen), torch.arange(seqlen))
                 assert cp.stats.imbalance("pairs") <= max(1.05, cp.plan.imbalance(cp.plan.pairs_before)) + 1e-9
+                qb, kvb = hq * d * 8, 2 * hkv * d * 8  # float64 Q row, K+V row
+                moved = sum(2 * n * qb for n in cp.plan.q_in_rows) + sum(n * kvb for n in cp.plan.kv_in_rows)
+                assert sum(cp.stats.bytes_sent) == sum(cp.stats.bytes_recv) == moved  # Q, K/V in; out back
                 if pingpong:
                     assert cp.stats.extra["pingpong_fwd_total_s"] > 0 and "pingpong_bwd_total_s" in cp.stats.extra
                 checked += 1
+    if world == 4:  # the trainer's pattern: a CP sub-group (ranks {0,1} and {2,3}), group-relative ranks
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        mask = _mask("document", [5, 11, 4, 4])
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(24, h, d, dtype=torch.float64, generator=g) for h in (hq, hkv, hkv))
+        cp = parallel.build("cad", mask, 24, group=groups[rank // 2], backend="reference", task_overhead_pairs=0)
+        full = cp.unshard(cp.attention(cp.shard(q), cp.shard(k), cp.shard(v)))
+        torch.testing.assert_close(full, kernels.attention(q, k, v, mask, backend="reference")[0], rtol=1e-10, atol=1e-10)
+        checked += 1
     dist.barrier()
     return checked
 
@@ -75,4 +87,4 @@ def _check(rank, world, modes):
 def test_cad_matches_single_process(world):
     modes = (("reference", False), ("cpu", True))  # both backends, both dispatch paths
     counts = run_ranks(_check, world, modes)
-    assert counts == [len(_cases(world)) * len(MASKS) * len(modes)] * world
+    assert counts == [len(_cases(world)) * len(MASKS) * len(modes) + (world == 4)] * world

@@ -1,0 +1,114 @@
+"""`parallel=auto`: pick the CP strategy (and balancer, and Ulysses x ring split) per build.
+
+Every candidate's step time is predicted by the cost model from the mask alone -- exact
+attention pairs per rank under its balancer, exact bytes per rank, a `Hardware` profile
+(`parallel.simulator` presets, or "cpu" measured on gloo) -- and the fastest one is built
+and delegated to.  The prediction uses only arguments every rank holds, so all ranks pick
+the same strategy without a collective.  The choice and its predicted time are logged and
+kept in `stats.extra` (`auto_choice`, `auto_predicted_s`).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+from . import STRATEGIES, balance, build
+from .base import ContextParallel
+from .comm import group_layout
+from .costmodel import Layout, mask_keys, pairs_per_rank
+from .simulator import PRESETS, Hardware, predict
+
+log = logging.getLogger(__name__)
+
+# gloo on this project's 2-core CPU runner, measured by scripts.bench_cp: the cpu kernel on one
+# thread (16K causal, 8 heads x 64: 35 GFLOP/s fwd, 24 GFLOP/s bwd) and the worker's p2p probe
+# (1.2 GB/s, 1.6 ms under load); one thread per rank, so no compute/communication overlap.
+CPU = Hardware("cpu", 35e9, 24e9, 5e9, 1.2e9, 1.6e-3, 1.2e9, 1.6e-3, devices_per_node=64, overlap=0.0)
+HARDWARE = {**PRESETS, "cpu": CPU}
+DEFAULT_CANDIDATES = ("ring", "allgather", "ulysses", "usp")
+
+
+def candidates(names, world: int, mask) -> list[tuple[str, str | None, dict]]:
+    """(strategy, balancer, options) triples to compare on `world` ranks."""
+    out = []
+    for name in names:
+        if name not in STRATEGIES or name == "auto":
+            raise ValueError(f"auto candidates: {name!r} is not a strategy; choose from {', '.join(STRATEGIES)}")
+        try:
+            importlib.import_module(STRATEGIES[name].split(":")[0])
+        except ImportError:
+            continue  # not in this build
+        if name == "ring":
+            out += [("ring", b, {}) for b in dict.fromkeys([balance.default_balancer(mask), "contiguous"])]
+        elif name == "usp":
+            out += [("usp", None, {"ulysses_degree": u, "ring_degree": world // u})
+                    for u in range(2, world) if world % u == 0]
+        else:
+            out.append((name, None, {}))
+    return out
+
+
+def predicted_time(strategy, balancer, options, mask, seqlen, world, lay: Layout, hw: Hardware) -> float:
+    rows = [r.numpy() for r in balance.assign(balancer, seqlen, world, mask)]
+    pairs = pairs_per_rank(mask_keys(mask, seqlen), rows)
+    if strategy in ("ulysses", "usp") and lay.hq % options.get("ulysses_degree", world):
+        return float("inf")  # heads cannot be split that way
+    return predict(strategy, pairs, lay, hw, ulysses_degree=options.get("ulysses_degree"))["total_s"]
+
+
+class Auto(ContextParallel):
+    """Build-time choice among candidate strategies; everything else is the chosen one's."""
+
+    name = "auto"
+
+    def __init__(self, mask, seqlen, *, group=None, mesh=None, balancer=None, **options):
+        super().__init__()
+        missing = [k for k in ("num_heads", "num_kv_heads", "head_dim") if k not in options]
+        if missing:
+            raise ValueError(f"strategy 'auto' needs option(s) {', '.join(missing)} to predict communication; "
+                             "pass the model's head counts and head_dim")
+        hq, hkv, d = options.pop("num_heads"), options.pop("num_kv_heads"), options.pop("head_dim")
+        hw = options.pop("hardware", "cpu")
+        if isinstance(hw, str):
+            if hw not in HARDWARE:
+                raise ValueError(f"auto hardware={hw!r} is unknown; choose one of {', '.join(HARDWARE)}")
+            hw = HARDWARE[hw]
+        names = options.pop("candidates", DEFAULT_CANDIDATES)
+        elem = options.pop("elem_bytes", 4)
+        _, world, _ = group_layout(group)
+        lay = Layout(seqlen, hq, hkv, d, elem)
+        scored = []
+        for strategy, bal, extra in candidates(names, world, mask):
+            if balancer is not None and strategy == "ring":
+                bal = balancer
+            scored.append((predicted_time(strategy, bal, extra, mask, seqlen, world, lay, hw), strategy, bal, extra))
+        if not scored:
+            raise ValueError(f"auto: none of the candidates {list(names)} is available in this build")
+        t, strategy, bal, extra = min(scored, key=lambda s: s[0])
+        if strategy in ("ulysses", "usp"):
+            extra = dict(extra, num_heads=hq, num_kv_heads=hkv) if strategy == "ulysses" else extra
+        self.choice = f"{strategy}/{bal or 'default'}" + "".join(f"/{k}={v}" for k, v in extra.items()
+                                                                  if k not in ("num_heads", "num_kv_heads"))
+        self.predicted_s = t
+        self.scores = {f"{s}/{b or 'default'}{''.join(f'/{k}={v}' for k, v in e.items())}": p for p, s, b, e in scored}
+        log.info("parallel=auto chose %s (predicted %.4g s fwd+bwd on %s)", self.choice, t, hw.name)
+        self.inner = build(strategy, mask, seqlen, group=group, mesh=mesh, balancer=bal, **extra, **options)
+        self.mask, self.seqlen = mask, seqlen
+        for attr in ("rank", "world", "index", "indices", "group"):
+            setattr(self, attr, getattr(self.inner, attr, None))
+
+    def shard(self, x):
+        return self.inner.shard(x)
+
+    def unshard(self, x_local):
+        return self.inner.unshard(x_local)
+
+    def attention(self, q, k, v):
+        return self.attention_with_lse(q, k, v)[0]
+
+    def attention_with_lse(self, q, k, v):
+        out = self.inner.attention_with_lse(q, k, v)
+        self.stats = self.inner.stats
+        self.stats.extra.update(auto_choice=self.choice, auto_predicted_s=self.predicted_s)
+        return out
+

@@ -1,0 +1,174 @@
+"""Exact work and traffic of one CP attention call, from the mask alone (no process group).
+
+Two counts drive every prediction in `parallel.simulator` and `parallel.auto`:
+
+* attention pairs per rank: the number of allowed (query, key) pairs whose query row a
+  rank owns.  For the masks of `kernels.MaskSpec` a query at global position i sees
+  `keys(i)` keys, a closed form (below), so a rank's pairs are a sum over its rows and the
+  whole sequence costs O(seqlen) -- 1M tokens and 1024 ranks run on a laptop.
+* bytes sent per rank by each strategy (forward and backward), closed forms in the layout
+  (tokens per rank, heads, head_dim, element size) that `cp.stats` must reproduce exactly.
+
+Invariant: sum over ranks of pairs_per_rank == MaskSpec.pairs(all, all) for every
+balancer, because a balancer is a permutation of query rows.  Rows come from
+`parallel.balance` (the balancers the strategies use), never from a copy here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kernels import MaskSpec
+
+from .balance import assign, key_intervals
+from .ring import RingPlan
+
+@dataclass(frozen=True)
+class Layout:
+    """Shape of one attention call: the global sequence and the heads."""
+
+    seqlen: int
+    hq: int
+    hkv: int
+    head_dim: int
+    elem_bytes: int = 4
+
+    def __post_init__(self):
+        if self.hkv < 1 or self.hq % self.hkv:
+            raise ValueError(f"hq={self.hq} must be a multiple of hkv={self.hkv} (GQA)")
+
+    @property
+    def acc_bytes(self) -> int:
+        """Element size of float32 gradient accumulators (float64 stays float64)."""
+        return 8 if self.elem_bytes == 8 else 4
+
+
+def mask_keys(mask, seqlen: int) -> np.ndarray:
+    """keys(i): number of keys query i may attend, int64 [seqlen], from the mask's key
+    interval [lo, hi] of every query (document start / window start .. query / document end)."""
+    lo, hi = key_intervals(mask, torch.arange(seqlen))
+    return (hi.clamp_max(seqlen - 1) - lo + 1).clamp_min(0).numpy()
+
+
+def keys_per_query(seqlen: int, *, causal: bool, doc_lens=None, window: int | None = None) -> np.ndarray:
+    """mask_keys for a mask given by its parts (documents as lengths)."""
+    mask = MaskSpec.from_doc_lens(doc_lens, causal=causal, window=window) if doc_lens is not None \
+        else MaskSpec(causal=causal, window=window)
+    return mask_keys(mask, seqlen)
+
+
+def balancer_rows(balancer: str | None, seqlen: int, world: int, mask=None) -> list[np.ndarray]:
+    """Global query rows of every rank under a balancer of `parallel.balance` (numpy)."""
+    mask = MaskSpec(causal=True) if mask is None else mask
+    return [r.numpy() for r in assign(balancer, seqlen, world, mask)]
+
+
+def ring_reach(mask, seqlen: int, rows: list[np.ndarray]) -> list[int]:
+    """reach[j]: the last ring offset t at which rank j's K/V block is still needed, i.e. the
+    largest t such that rank (j + t) % P owns a query that sees a key of block j (-1: none).
+
+    A run of consecutive keys [a, b] is seen exactly by the queries in [a, end(b)] (causal:
+    end = document end / window end / sequence end of key b) or [doc_start(a), doc_end(b)]
+    (bidirectional), so only the owners of that interval matter; they are found on the runs
+    of the owner map, never token by token.
+    """
+    world = len(rows)
+    owner = np.empty(seqlen, dtype=np.int64)
+    for r, idx in enumerate(rows):
+        owner[idx] = r
+    run_start = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    run_owner = owner[run_start]
+    lo_all, hi_all = (t.numpy() for t in key_intervals(mask, torch.arange(seqlen)))
+    doc_lo = lo_all if not mask.is_causal else None
+    # causal: the last query that sees key k is where the window or the document closes
+    last_seer = _last_seer(mask, seqlen) if mask.is_causal else np.minimum(hi_all, seqlen - 1)
+    reach = []
+    for j, idx in enumerate(rows):
+        cut = np.flatnonzero(np.diff(idx) != 1)
+        starts, ends = idx[np.r_[0, cut + 1]], idx[np.r_[cut, idx.size - 1]]
+        offsets = []
+        for a, b in zip(starts, ends):
+            lo = a if mask.is_causal else doc_lo[a]
+            hi = last_seer[b]
+            first = np.searchsorted(run_start, lo, side="right") - 1
+            last = np.searchsorted(run_start, hi, side="right") - 1
+            offsets.append(((run_owner[first:last + 1] - j) % world).max())
+        reach.append(int(max(offsets)) if offsets else -1)
+    return reach
+
+
+def _last_seer(mask, seqlen: int) -> np.ndarray:
+    """Causal masks: the largest query position that sees key k (document end / window)."""
+    pos = np.arange(seqlen)
+    last = np.full(seqlen, seqlen - 1)
+    if mask.has_docs:
+        lens = np.asarray(mask.doc_lens)
+        last = np.repeat(np.cumsum(lens) - 1, lens)
+    if mask.window is not None:
+        last = np.minimum(last, pos + mask.window - 1)
+    return last
+
+
+def pairs_per_rank(keys: np.ndarray, rows: list[np.ndarray]) -> list[int]:
+    """Attention pairs each rank's query rows cover."""
+    return [int(keys[r].sum()) for r in rows]
+
+
+def imbalance(values) -> float:
+    """max / mean (1.0 for all-zero work)."""
+    vals = np.asarray(values, dtype=np.float64)
+    mean = vals.mean() if vals.size else 0.0
+    return float(vals.max() / mean) if mean > 0 else 1.0
+
+
+def attention_flops(pairs: int, hq: int, head_dim: int, backward: bool = False) -> float:
+    """4 * pairs * Hq * D forward (QK^T and PV), 2.5x that backward (DESIGN.md)."""
+    fwd = 4.0 * pairs * hq * head_dim
+    return 2.5 * fwd if backward else fwd
+
+
+def bytes_sent(strategy: str, lay: Layout, world: int, *, reach: list[int] | None = None,
+               ulysses_degree: int | None = None) -> dict[str, list[int]]:
+    """Bytes each rank sends in one attention call: {"fwd": [per rank], "bwd": [per rank]}.
+
+    P ranks, L = seqlen / P local tokens, block = K and V of L tokens (2 * L * Hkv * D * elem),
+    acc = the same in float32 (gradient accumulators):
+      ring:      rank r forwards its current block at `h_r` of the P steps (every step but the
+                 last when every block is needed by every rank; fewer when the mask lets a
+                 block stop early, see `ring_reach`):  fwd h_r * block;  bwd h_r * (block +
+                 acc) (K/V again, their dK/dV alongside) + acc per accumulator it sends home.
+      allgather: fwd (P-1) * block (gather K/V);  bwd (P-1) * (block + acc) (re-gather K/V,
+                 reduce-scatter dK/dV in float32).
+      ulysses:   all-to-all keeps 1/P of every tensor at home; Q, K, V out and the output back
+                 (bwd: dO out, dQ, dK, dV back): (P-1) * L * (2 Hq + 2 Hkv') * D * elem // P each
+                 way, Hkv' = Hkv repeated to a multiple of P.
+      usp:       ulysses over u ranks on L tokens + ring over P/u ranks on u*L tokens, H/u heads.
+    """
+    p = world
+    loc = lay.seqlen // p
+    block = 2 * loc * lay.hkv * lay.head_dim * lay.elem_bytes
+    acc = 2 * loc * lay.hkv * lay.head_dim * lay.acc_bytes
+    if strategy == "none" or p == 1:
+        return {"fwd": [0] * p, "bwd": [0] * p}
+    if strategy == "ring":
+        plan = RingPlan(0, list(range(p)), [], [], [p - 1] * p if reach is None else list(reach))
+        hops = [plan.hops(r) for r in range(p)]
+        return {"fwd": [h[0] * block for h in hops], "bwd": [h[0] * (block + acc) + h[2] * acc for h in hops]}
+    if strategy == "allgather":
+        return {"fwd": [(p - 1) * block] * p, "bwd": [(p - 1) * (block + acc)] * p}
+    if strategy == "ulysses":
+        hkv = lay.hkv * (p // math.gcd(lay.hkv, p))
+        one_way = (p - 1) * loc * (2 * lay.hq + 2 * hkv) * lay.head_dim * lay.elem_bytes // p
+        return {"fwd": [one_way] * p, "bwd": [one_way] * p}
+    if strategy == "usp":
+        u = ulysses_degree or 1
+        if p % u:
+            raise ValueError(f"ulysses_degree={u} must divide the CP size {p}")
+        uly = bytes_sent("ulysses", Layout(loc * u, lay.hq, lay.hkv, lay.head_dim, lay.elem_bytes), u)
+        hkv = lay.hkv * (u // math.gcd(lay.hkv, u))
+        ring = bytes_sent("ring", Layout(lay.seqlen, lay.hq // u, hkv // u, lay.head_dim, lay.elem_bytes), p // u)
+        return {k: [uly[k][0] + ring[k][0]] * p for k in ("fwd", "bwd")}
+    raise ValueError(f"strategy={strategy!r} has no bytes formula; choose ring, allgather, ulysses, usp or none")

@@ -1,0 +1,226 @@
+"""Analytical step time of one CP attention call (fwd + bwd), for clusters far beyond this one.
+
+Time = compute from FLOPs at a sustained rate + messages over links (latency + bytes /
+bandwidth), combined per strategy the way it schedules them:
+
+  ring       P steps; step s computes one key block while the next block travels, so a step
+             costs max(compute, overlap-hidden hop) + the fp32 merge of the partial output
+             (memory-bound: `merge_passes` reads/writes of [L, Hq, D] fp32 at `mem_bw`).
+  allgather  gather K/V (fwd) / reduce-scatter dK/dV (bwd), not overlapped, then compute.
+  ulysses    all-to-all Q/K/V and the output around a head-sharded full-sequence kernel.
+  usp        ulysses over u ranks inside ring over P/u.
+  cad        every server computes (total pairs / P) * (1 + epsilon); ping-pong hides the
+             shipping of Q/K/V/out behind compute.
+
+The slowest rank sets the time (synchronous collectives), so the max of pairs_per_rank is
+what counts.  `Hardware` holds the sustained rates; presets say where each figure is from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .costmodel import Layout, attention_flops, bytes_sent
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Sustained rates of one device and its links (SI units: FLOP/s, bytes/s, s)."""
+
+    name: str
+    fwd_flops: float            # sustained attention-kernel FLOP/s, forward
+    bwd_flops: float            # sustained attention-kernel FLOP/s, backward
+    mem_bw: float               # device memory bandwidth (merges, accumulations)
+    intra_bw: float             # per direction, per device, inside a node
+    intra_lat: float
+    inter_bw: float             # per device, across nodes
+    inter_lat: float
+    devices_per_node: int = 8
+    overlap: float = 1.0        # fraction of ring hop time hidden behind the block compute
+    merge_passes: float = 6.0   # fp32 passes over the output per forward ring-step merge
+    accum_passes: float = 2.0   # fp32 passes over dQ per backward ring-step accumulation
+    call_overhead: float = 0.0  # fixed seconds per kernel call (launch / python)
+
+
+# Figures: H100 SXM dense bf16 989 TFLOP/s and NVLink4 900 GB/s total = 450 GB/s per direction,
+# HBM3 3.35 TB/s (NVIDIA H100 datasheet); H800 is the H100 die with NVLink cut to 400 GB/s total
+# (200 per direction; NVIDIA H800 product brief); H200: same compute, HBM3e 4.8 TB/s (H200
+# datasheet); InfiniBand NDR 400 Gb/s = 50 GB/s per GPU (one ConnectX-7 per GPU, DGX H100).
+# Sustained attention rates: flash-attn 2 on H800, llama3-8B heads, 8K causal, measured by
+# ring-flash-attention's README (591.5 fwd iter/s -> 325 TFLOP/s; 154.7 fwd+bwd iter/s -> 298
+# TFLOP/s overall, i.e. ~289 TFLOP/s backward).  Latencies: ~10 us NCCL p2p intra-node,
+# ~20 us across IB (NCCL tests, small messages).
+H800 = Hardware("h800", 325e12, 289e12, 3.35e12, 200e9, 10e-6, 50e9, 20e-6)
+H100 = replace(H800, name="h100", intra_bw=450e9)
+H200 = replace(H100, name="h200", mem_bw=4.8e12)
+PRESETS = {h.name: h for h in (H100, H200, H800)}
+
+
+def _link(hw: Hardware, group: int, stride: int = 1) -> tuple[float, float]:
+    """(bandwidth, latency) of the slowest hop of a group of `group` ranks `stride` apart."""
+    if group * stride <= hw.devices_per_node:
+        return hw.intra_bw, hw.intra_lat
+    return hw.inter_bw, hw.inter_lat
+
+
+def _ring(c_fwd, c_bwd, lay: Layout, p: int, hw: Hardware, stride: int) -> tuple[float, float]:
+    bw, lat = _link(hw, p, stride)
+    sent = bytes_sent("ring", lay, p)
+    loc = lay.seqlen // p
+    out_fp32 = loc * lay.hq * lay.head_dim * 4 / hw.mem_bw
+    times = []
+    for c, total, merge in ((c_fwd, sent["fwd"], hw.merge_passes * out_fp32),
+                            (c_bwd, sent["bwd"], hw.accum_passes * out_fp32)):
+        hop = lat + max(total) / max(p - 1, 1) / bw if p > 1 else 0.0
+        step = c / p + hw.call_overhead
+        overlapped = step + hop - hw.overlap * min(step, hop) + merge
+        times.append(step + (p - 1) * overlapped if p > 1 else step)
+    return times[0], times[1]
+
+
+def _collective(nbytes: float, p: int, hw: Hardware, stride: int = 1) -> float:
+    """Ring-algorithm collective over p ranks: p-1 latencies + bytes over the slowest link."""
+    if p == 1:
+        return 0.0
+    bw, lat = _link(hw, p, stride)
+    return (p - 1) * lat + nbytes / bw
+
+
+def predict(strategy: str, pairs: list[int], lay: Layout, hw: Hardware, *,
+            ulysses_degree: int | None = None, epsilon: float = 0.0) -> dict[str, float]:
+    """Predicted seconds of one attention call on len(pairs) ranks: fwd_s, bwd_s, total_s."""
+    p = len(pairs)
+    worst, total = max(pairs), sum(pairs)
+    flops = lambda n, b: attention_flops(n, lay.hq, lay.head_dim, backward=b)  # noqa: E731
+    rate = lambda n, b: flops(n, b) / (hw.bwd_flops if b else hw.fwd_flops)  # noqa: E731
+    if strategy == "none" or p == 1:
+        fwd, bwd = rate(total, False) + hw.call_overhead, rate(total, True) + hw.call_overhead
+    elif strategy == "ring":
+        fwd, bwd = _ring(rate(worst, False), rate(worst, True), lay, p, hw, 1)
+    elif strategy == "allgather":
+        sent = bytes_sent("allgather", lay, p)
+        fwd = _collective(sent["fwd"][0], p, hw) + rate(worst, False) + hw.call_overhead
+        bwd = _collective(sent["bwd"][0], p, hw) + rate(worst, True) + hw.call_overhead
+    elif strategy == "ulysses":
+        sent = bytes_sent("ulysses", lay, p)
+        fwd = _collective(sent["fwd"][0], p, hw) + rate(total / p, False) + hw.call_overhead
+        bwd = _collective(sent["bwd"][0], p, hw) + rate(total / p, True) + hw.call_overhead
+    elif strategy == "usp":
+        u = ulysses_degree or 1
+        r = p // u
+        uly = bytes_sent("ulysses", Layout(lay.seqlen // r, lay.hq, lay.hkv, lay.head_dim, lay.elem_bytes), u)
+        # ring over r groups of u: a ring rank's work is the max over its u members' pairs
+        ring_pairs = [sum(pairs[g * u:(g + 1) * u]) / u for g in range(r)]
+        ring_lay = Layout(lay.seqlen, max(lay.hq // u, 1), max(lay.hkv // u, 1), lay.head_dim, lay.elem_bytes)
+        c_f = attention_flops(max(ring_pairs), ring_lay.hq, lay.head_dim) / hw.fwd_flops
+        c_b = attention_flops(max(ring_pairs), ring_lay.hq, lay.head_dim, backward=True) / hw.bwd_flops
+        rf, rb = _ring(c_f, c_b, ring_lay, r, hw, u)
+        fwd = _collective(uly["fwd"][0], u, hw) + rf
+        bwd = _collective(uly["bwd"][0], u, hw) + rb
+    elif strategy == "cad":
+        loc = lay.seqlen // p
+        ship = (p - 1) / p * loc * (2 * lay.hq + 2 * lay.hkv) * lay.head_dim * lay.elem_bytes
+        bal = total / p * (1 + epsilon)
+        fwd = max(rate(bal, False), _collective(ship, p, hw)) + hw.call_overhead
+        bwd = max(rate(bal, True), _collective(ship, p, hw)) + hw.call_overhead
+    else:
+        raise ValueError(f"strategy={strategy!r} has no time model; choose none, ring, allgather, ulysses, usp or cad")
+    return {"fwd_s": fwd, "bwd_s": bwd, "total_s": fwd + bwd}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the non-attention part of a step costs: 6 * params FLOPs per token (fwd+bwd)."""
+
+    params: float
+    layers: int
+    hq: int
+    hkv: int
+    head_dim: int
+    linear_mfu: float = 0.5     # sustained fraction of peak for the dense GEMMs
+    peak_flops: float = 989e12  # H100/H200 dense bf16 (datasheet)
+
+
+LLAMA3_8B = ModelShape(params=8.0e9, layers=32, hq=32, hkv=8, head_dim=128)
+
+
+def pack(doc_lens, tokens: int, count: int, rng) -> list[list[int]]:
+    """`count` sequences of exactly `tokens` tokens, documents drawn from `doc_lens` in random
+    order and cut at the sequence end (how packed pretraining batches are built)."""
+    seqs = []
+    for _ in range(count):
+        lens, left = [], tokens
+        while left:
+            n = min(int(doc_lens[rng.integers(len(doc_lens))]), left)
+            lens.append(n)
+            left -= n
+        seqs.append(lens)
+    return seqs
+
+
+def doc_pairs(lens) -> float:
+    """Causal attention pairs of one packed sequence: sum of L(L+1)/2 over its documents."""
+    return float(sum(n * (n + 1) // 2 for n in lens))
+
+
+def repack(seqs: list[list[int]], cost) -> list[list[int]]:
+    """WLB-LLM-style variable-length packing: the same documents re-dealt to the replicas,
+    longest-cost first to the currently cheapest replica, so per-replica cost (linear +
+    attention) is as even as whole documents allow (token counts may then differ)."""
+    bins = [[] for _ in seqs]
+    load = [0.0] * len(seqs)
+    for n in sorted((n for s in seqs for n in s), key=cost, reverse=True):
+        i = load.index(min(load))
+        bins[i].append(n)
+        load[i] += cost(n)
+    return bins
+
+
+def dp_step(seqs: list[list[int]], model: ModelShape, hw: Hardware, *, tp: int, cp: int, mode: str,
+            epsilon: float = 0.05, comm_hidden: float = 0.0) -> dict:
+    """Step time of DP replicas (one packed sequence each, CP degree `cp`, TP degree `tp`).
+
+    per_doc_cp (and wlb, the same after `repack` evens the replicas' cost, WLB-LLM's
+    "ideal" baseline of DistCA): every document is split head-tail over the CP group, so attention is balanced
+        inside a replica, but K/V are all-gathered across the group in every layer (fwd, and
+        again with a reduce-scatter of dK/dV in bwd; `comm_hidden` of it overlaps compute)
+        and replicas with more attention straggle: the step waits for the slowest replica.
+    cad: core attention of all replicas is pooled and re-split over every GPU (within
+        epsilon); its Q/K/V/output shipping hides behind compute (ping-pong), so every GPU
+        waits only for the mean attention work.
+    """
+    tokens = sum(seqs[0])
+    gpus = tp * cp
+    linear = 6 * model.params * tokens / gpus / (model.peak_flops * model.linear_mfu)
+    attn_cost = model.layers * attention_flops(1, model.hq, model.head_dim) * 3.5 / gpus \
+        / ((hw.fwd_flops + 2.5 * hw.bwd_flops) / 3.5)     # seconds per causal pair
+    attn = [attn_cost * doc_pairs(s) for s in seqs]
+    if mode in ("per_doc_cp", "wlb"):
+        if mode == "wlb":
+            seqs = repack(seqs, lambda n: linear / tokens * n + attn_cost * n * (n + 1) / 2)
+        rows = [sum(s) for s in seqs]
+        times = []
+        for s, n in zip(seqs, rows):
+            kv = 2 * n / cp * model.hkv * model.head_dim * 2 / tp   # bf16 K and V of the local rows
+            gather = _collective((cp - 1) * kv, cp, hw, stride=tp)
+            comm = model.layers * (2 * gather + _collective((cp - 1) * kv * 2, cp, hw, stride=tp)) * (1 - comm_hidden)
+            times.append(linear / tokens * n + attn_cost * doc_pairs(s) + comm)
+    elif mode == "cad":
+        times = [linear + sum(attn) / len(attn) * (1 + epsilon)] * len(attn)
+    else:
+        raise ValueError(f"mode={mode!r} is unknown; choose per_doc_cp, wlb or cad")
+    return {"step_s": max(times), "mean_s": sum(times) / len(times), "straggle": max(times) / (sum(times) / len(times))}
+
+
+def throughput(doc_lens, model: ModelShape, hw: Hardware, *, gpus: int, tokens: int, tp: int, cp: int, mode: str,
+               steps: int = 20, seed: int = 0, comm_hidden: float = 0.0) -> float:
+    """Mean tokens/s over `steps` sampled global batches (one packed sequence per DP replica)."""
+    import numpy as np
+
+    dp = gpus // (tp * cp)
+    if dp < 1:
+        raise ValueError(f"gpus={gpus} cannot hold tp={tp} x cp={cp}")
+    rng = np.random.default_rng(seed)
+    total = sum(dp_step(pack(doc_lens, tokens, dp, rng), model, hw, tp=tp, cp=cp, mode=mode,
+                        comm_hidden=comm_hidden)["step_s"]
+                for _ in range(steps))
+    return dp * tokens * steps / total

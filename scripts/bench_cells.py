@@ -1,0 +1,92 @@
+"""The benchmark matrix: expand a config into cells, name them, and build each cell's mask.
+
+A cell is a plain dict (JSON-able) that fully determines one measurement: strategy,
+balancer, mask kind, seqlen, world size, head layout, dtype, seed, repeats.  Its `id` is
+what the JSONL resume logic matches on, so re-running the same matrix skips finished cells.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+
+from kernels import MaskSpec
+
+MASK_KINDS = ("causal", "document", "window", "document+window", "full")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_doc_lens(path: str) -> list[int]:
+    """Document-length distribution: a JSON list of ints (path relative to the repo root;
+    the LONGCTX_DOCLENS environment variable overrides it, e.g. in a git worktree)."""
+    path = os.environ.get("LONGCTX_DOCLENS", path)
+    full = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+    if not os.path.exists(full):
+        raise ValueError(f"docs.file={path!r} not found (looked at {full}); point docs.file at a JSON list "
+                         "of document lengths or set docs.fixed_len")
+    with open(full) as f:
+        return [int(x) for x in json.load(f)]
+
+
+def sample_doc_lens(seqlen: int, docs: dict, seed: int) -> list[int]:
+    """Pack documents drawn from the distribution until seqlen tokens; the last one is cut.
+
+    docs: {"fixed_len": n} for equal documents, else {"file": path} sampled with `seed`.
+    """
+    if docs.get("fixed_len"):
+        n = int(docs["fixed_len"])
+        return [n] * (seqlen // n) + ([seqlen % n] if seqlen % n else [])
+    pool = load_doc_lens(docs["file"])
+    rng = random.Random(seed)
+    lens, left = [], seqlen
+    while left > 0:
+        n = min(max(rng.choice(pool), 1), left)
+        lens.append(n)
+        left -= n
+    return lens
+
+
+def make_mask(cell: dict) -> MaskSpec:
+    kind, seqlen = cell["mask"], cell["seqlen"]
+    if kind not in MASK_KINDS:
+        raise ValueError(f"mask={kind!r} is unknown; choose one of {', '.join(MASK_KINDS)}")
+    window = cell["window"] if "window" in kind else None
+    if "document" in kind:
+        return MaskSpec.from_doc_lens(cell["doc_lens"], causal=True, window=window)
+    return MaskSpec(causal=kind != "full", window=window)
+
+
+def cell_id(cell: dict) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in sorted(cell.get("options", {}).items()))
+    return (f"{cell['strategy']}|{cell.get('balancer')}|{cell['mask']}|T={cell['seqlen']}|P={cell['world']}"
+            f"|H={cell['hq']}/{cell['hkv']}x{cell['head_dim']}|{cell['dtype']}|{opts}")
+
+
+def expand(cfg: dict) -> list[dict]:
+    """All cells of the matrix, plus the 1-rank kernel baseline of every (mask, seqlen, heads)."""
+    cells = []
+    heads = [tuple(h) for h in cfg["heads"]]
+    shapes = list(itertools.product(cfg["masks"], cfg["seqlens"], heads))
+    runs = [("kernel", None, 1, {})]
+    for strategy in cfg["strategies"]:
+        balancers = cfg["balancers"] if strategy_uses_balancer(strategy) else [None]
+        for balancer, world in itertools.product(balancers, [w for w in cfg["worlds"] if w > 1]):
+            runs.append((strategy, balancer, world, dict(cfg.get("options", {}).get(strategy, {}))))
+    for (mask, seqlen, (hq, hkv)), (strategy, balancer, world, options) in itertools.product(shapes, runs):
+        if strategy == "auto":  # auto predicts communication from the head layout
+            options = dict(options, num_heads=hq, num_kv_heads=hkv, head_dim=cfg["head_dim"])
+        cell = dict(strategy=strategy, balancer=balancer, mask=mask, seqlen=seqlen, world=world, hq=hq, hkv=hkv,
+                    head_dim=cfg["head_dim"], dtype=cfg["dtype"], seed=cfg["seed"], warmup=cfg["warmup"],
+                    repeats=cfg["repeats"], options=options, window=cfg["window"],
+                    extra_strategies=dict(cfg.get("extra_strategies", {})))
+        if "document" in mask:
+            cell["doc_lens"] = sample_doc_lens(seqlen, cfg["docs"], cfg["seed"])
+        cell["id"] = cell_id(cell)
+        cells.append(cell)
+    return cells
+
+
+def strategy_uses_balancer(strategy: str) -> bool:
+    """Peers and Ulysses-style strategies shard contiguously by design; auto picks its own."""
+    return not strategy.startswith("peer:") and strategy not in ("ulysses", "kernel", "auto")

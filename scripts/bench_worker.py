@@ -1,0 +1,278 @@
+"""One rank of a benchmark launch: run every cell of one world size, append JSON lines.
+
+Started by `scripts.bench_cp` as `torchrun --nproc_per_node P -m scripts.bench_worker
+CELLS.json RESULTS.jsonl`.  Per cell every rank builds the same global q/k/v/dout (same
+seed), shards them with the strategy, times warm-up + repeats of forward and backward
+(the slowest rank's time per repeat), then gathers outputs and gradients by global position
+to rank 0 and compares them with single-process `kernels.attention`.  A cell whose result is
+not exact is written with correct=false and reported as WRONG, whatever its speed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+import kernels
+import parallel
+from parallel.costmodel import Layout, bytes_sent, mask_keys, ring_reach
+from scripts.bench_peers import build_peer
+from scripts.bench_cells import make_mask
+
+TOL = {torch.float32: 2e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+class PeakRSS:
+    """Peak resident memory of this process while inside the block, minus its level at entry
+    (CPU); torch.cuda.max_memory_allocated on GPU."""
+
+    def __init__(self, device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = self.peak = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+        self.mb = (self.peak - self.base) / 2**20
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _max_over_ranks(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _inputs(cell, device, dtype):
+    g = torch.Generator().manual_seed(cell["seed"])
+    t, hq, hkv, d = cell["seqlen"], cell["hq"], cell["hkv"], cell["head_dim"]
+    q, k, v, dout = (torch.randn(t, h, d, generator=g) for h in (hq, hkv, hkv, hq))
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v, dout)]
+
+
+class KernelBaseline:
+    """The 1-rank reference point: single-process kernels.attention on the whole sequence."""
+
+    def __init__(self, mask, seqlen):
+        self.mask, self.positions, self.stats = mask, torch.arange(seqlen), None
+
+    def shard(self, x):
+        return x
+
+    def attention(self, q, k, v):
+        return kernels.attention(q, k, v, self.mask)[0]
+
+
+def _build(cell, mask, world):
+    if cell["strategy"] == "kernel":
+        return KernelBaseline(mask, cell["seqlen"])
+    if cell["strategy"].startswith("peer:"):
+        return build_peer(cell["strategy"][5:], mask, cell["seqlen"], cell)
+    return parallel.build(cell["strategy"], mask, cell["seqlen"], balancer=cell.get("balancer"), **cell.get("options", {}))
+
+
+def _gather_rows(pos, tensors):
+    """Gather (global positions, tensors) from every rank to rank 0, scattered into global order."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [None] * world
+    dist.all_gather_object(sizes, int(pos.numel()))
+    most = max(sizes)
+    out = []
+    for x in [pos] + tensors:
+        pad = torch.zeros((most,) + tuple(x.shape[1:]), dtype=x.dtype)
+        pad[: x.shape[0]] = x.detach().cpu()
+        bufs = [torch.empty_like(pad) for _ in range(world)] if rank == 0 else None
+        dist.gather(pad, bufs, dst=0)
+        out.append(None if bufs is None else torch.cat([b[:n] for b, n in zip(bufs, sizes)]))
+    if rank:
+        return None
+    order = torch.argsort(out[0])
+    return [x[order] for x in out[1:]]
+
+
+_REFERENCE: dict = {}
+
+
+def _reference(cell, mask, inputs, dtype):
+    """Single-process out/dq/dk/dv of this shape, computed once per launch and reused by
+    every strategy of the same (mask, seqlen, heads, seed)."""
+    key = (cell["mask"], cell["seqlen"], cell["hq"], cell["hkv"], cell["head_dim"], cell["dtype"], cell["seed"],
+           cell.get("window"), tuple(cell.get("doc_lens") or ()))
+    if key not in _REFERENCE:
+        _REFERENCE.clear()
+        q, k, v, dout = (x.detach().cpu().to(torch.float64 if dtype == torch.float64 else torch.float32)
+                         .requires_grad_(True) for x in inputs)
+        out, _ = kernels.attention(q, k, v, mask)
+        out.backward(dout.detach())
+        _REFERENCE[key] = [out.detach(), q.grad, k.grad, v.grad]
+    return _REFERENCE[key]
+
+
+def _check(cell, mask, inputs, got, dtype):
+    """Max error of out/dq/dk/dv, relative to the reference's largest magnitude (rank 0)."""
+    errs = {}
+    for name, ref, val in zip(("out", "dq", "dk", "dv"), _reference(cell, mask, inputs, dtype), got):
+        scale = float(ref.detach().abs().max()) or 1.0
+        errs[name] = float((val.to(ref.dtype) - ref).abs().max()) / scale
+    return errs, all(e <= TOL[dtype] for e in errs.values()) and all(e == e for e in errs.values())
+
+
+def link_probe(device, nbytes: int = 1 << 24, reps: int = 3) -> dict:
+    """Rank 0 <-> 1 point-to-point: bandwidth of `nbytes` messages and latency of 8-byte ones
+    (what the simulator's calibration uses for the link; measured once per launch)."""
+    rank = dist.get_rank()
+    if dist.get_world_size() < 2:
+        return {}
+    times = {}
+    for size in (8, nbytes):
+        buf = torch.zeros(size // 4, device=device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            elif rank == 1:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+        times[size] = (time.perf_counter() - t0) / (2 * reps)
+    lat = times[8]
+    return {"link_lat": lat, "link_bw": nbytes / max(times[nbytes] - lat, 1e-9)}
+
+
+def rate_probe(device, seqlen: int = 2048, heads: int = 8, head_dim: int = 64) -> dict:
+    """Attention FLOP/s each rank sustains while every rank of the launch computes at once
+    (fixed causal shape, slowest rank): the simulator scales the 1-rank kernel rate by the
+    ratio of this probe between launches, which captures how much of the machine a rank gets."""
+    from kernels import MaskSpec
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v, dout = (torch.randn(seqlen, heads, head_dim, generator=g).to(device) for _ in range(4))
+    q.requires_grad_(True)
+    flops = 4.0 * seqlen * (seqlen + 1) / 2 * heads * head_dim
+    best_f = best_b = float("inf")
+    for _ in range(3):
+        dist.barrier()
+        t0 = time.perf_counter()
+        out, _ = kernels.attention(q, k, v, MaskSpec(causal=True))
+        _sync(device)
+        t1 = time.perf_counter()
+        out.backward(dout)
+        _sync(device)
+        t2 = time.perf_counter()
+        best_f, best_b = min(best_f, _max_over_ranks(t1 - t0)), min(best_b, _max_over_ranks(t2 - t1))
+    return {"probe_fwd_flops": flops / best_f, "probe_bwd_flops": 2.5 * flops / best_b}
+
+
+def run_cell(cell, device) -> dict | None:
+    """Time and check one cell; returns the JSON record on rank 0 (None elsewhere)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = getattr(torch, cell["dtype"])
+    mask = make_mask(cell)
+    q, k, v, dout = _inputs(cell, device, dtype)
+    cp = _build(cell, mask, world)
+    local = [cp.shard(x) for x in (q, k, v, dout)]
+    fwd_t, bwd_t = [], []
+    with PeakRSS(device) as mem:
+        for it in range(cell["warmup"] + cell["repeats"]):
+            ql, kl, vl = (x.clone().requires_grad_(True) for x in local[:3])
+            dist.barrier()
+            _sync(device)
+            t0 = time.perf_counter()
+            out = cp.attention(ql, kl, vl)
+            _sync(device)
+            t1 = time.perf_counter()
+            out.backward(local[3])
+            _sync(device)
+            t2 = time.perf_counter()
+            f, b = _max_over_ranks(t1 - t0), _max_over_ranks(t2 - t1)
+            if it >= cell["warmup"]:
+                fwd_t.append(f)
+                bwd_t.append(b)
+    peak = _max_over_ranks(mem.mb)
+    got = _gather_rows(cp.positions.cpu(), [out, ql.grad, kl.grad, vl.grad])
+    stats = getattr(cp, "stats", None)
+    if rank != 0:
+        return None
+    if cell["strategy"] == "kernel":  # the baseline is the reference computation itself
+        errs, ok = {}, True
+    else:
+        errs, ok = _check(cell, mask, (q, k, v, dout), got, dtype)
+    keys = mask_keys(mask, cell["seqlen"])
+    lay = Layout(cell["seqlen"], cell["hq"], cell["hkv"], cell["head_dim"], torch.finfo(dtype).bits // 8)
+    rec = dict(cell, correct=ok, errors=errs, peak_mb_max=peak, total_pairs=int(keys.sum()),
+               fwd_s=statistics.median(fwd_t), bwd_s=statistics.median(bwd_t),
+               fwd_s_all=fwd_t, bwd_s_all=bwd_t, device=str(device), world_actual=world)
+    if stats is not None and stats.pairs:
+        bwd = stats.extra.get("bytes_bwd_sent", [0] * world)
+        rec.update(pairs=list(stats.pairs), bytes_sent=[f + b for f, b in zip(stats.bytes_sent, bwd)],
+                   pairs_imbalance=stats.imbalance("pairs"),
+                   extra={k: v for k, v in stats.extra.items() if isinstance(v, (int, float, str))})
+    base = cell["strategy"].removeprefix("peer:")
+    if world > 1 and base in ("ring", "allgather", "ulysses", "usp", "deepspeed-ulysses"):
+        kind = "ulysses" if base == "deepspeed-ulysses" else base
+        rows = [r.numpy() for r in cp.indices] if hasattr(cp, "indices") else None
+        reach = ring_reach(mask, cell["seqlen"], rows) if kind == "ring" else None
+        formula = bytes_sent(kind, lay, world, reach=reach, ulysses_degree=cell.get("options", {}).get("ulysses_degree"))
+        rec["bytes_formula"] = [f + b for f, b in zip(formula["fwd"], formula["bwd"])]
+    return rec
+
+
+def main(argv=None):
+    cells_path, out_path = (argv or sys.argv[1:])[:2]
+    cells = json.load(open(cells_path))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    for name, target in cells[0].get("extra_strategies", {}).items() if cells else ():
+        parallel.STRATEGIES[name] = target
+    link = dict(link_probe(device), **rate_probe(device))
+    for cell in cells:
+        try:
+            rec = run_cell(cell, device)
+            rec = None if rec is None else dict(rec, **link)
+        except ValueError as e:  # the strategy refused this cell: record why, on every rank alike
+            rec = dict(cell, correct=None, skipped=f"{type(e).__name__}: {e}") if dist.get_rank() == 0 else None
+            dist.barrier()
+        if rec is not None:
+            with open(out_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

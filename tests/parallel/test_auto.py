@@ -1,0 +1,55 @@
+"""parallel=auto: picks the cost model's fastest candidate, delegates exactly, logs its choice."""
+import pytest
+import torch
+
+import kernels
+import parallel
+from kernels import MaskSpec
+from parallel.auto import CPU, Auto, candidates, predicted_time
+from parallel.costmodel import Layout
+from tests.distributed import run_ranks
+
+
+def test_choice_is_the_predicted_minimum_and_balances_causal():
+    mask, seqlen, world = MaskSpec(causal=True), 4096, 4
+    lay = Layout(seqlen, 8, 8, 64)
+    scored = {(s, b): predicted_time(s, b, o, mask, seqlen, world, lay, CPU)
+              for s, b, o in candidates(["ring", "allgather", "ulysses"], world, mask)}
+    assert scored[("ring", "headtail")] < scored[("ring", "contiguous")]
+    assert set(scored) >= {("ring", "headtail"), ("ring", "contiguous"), ("allgather", None), ("ulysses", None)}
+
+
+def test_bad_options_raise_before_any_collective():
+    with pytest.raises(ValueError, match="num_heads"):
+        Auto(MaskSpec(causal=True), 64)
+    with pytest.raises(ValueError, match="hardware='tpu'"):
+        Auto(MaskSpec(causal=True), 64, num_heads=4, num_kv_heads=4, head_dim=8, hardware="tpu")
+    with pytest.raises(ValueError, match="'bogus'"):
+        Auto(MaskSpec(causal=True), 64, num_heads=4, num_kv_heads=4, head_dim=8, candidates=["bogus"])
+
+
+def _exact_on_ranks(rank, world):
+    torch.manual_seed(0)
+    t, hq, hkv, d = 64, 4, 2, 8
+    q, k, v, dout = (torch.randn(t, h, d, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
+    results = []
+    for mask in (MaskSpec(causal=True), MaskSpec.from_doc_lens([20, 12, 32], causal=True)):
+        cp = parallel.build("auto", mask, t, num_heads=hq, num_kv_heads=hkv, head_dim=d)
+        ql, kl, vl = (cp.shard(x).clone().requires_grad_(True) for x in (q, k, v))
+        out = cp.attention(ql, kl, vl)
+        out.backward(cp.shard(dout))
+        full = cp.unshard(out.detach())
+        qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
+        ref, _ = kernels.attention(qr, kr, vr, mask)
+        ref.backward(dout)
+        assert torch.allclose(full, ref, atol=1e-10)
+        assert torch.allclose(ql.grad, cp.shard(qr.grad), atol=1e-10)
+        assert torch.allclose(kl.grad, cp.shard(kr.grad), atol=1e-10)
+        assert cp.stats.extra["auto_choice"] == cp.choice and cp.stats.extra["auto_predicted_s"] > 0
+        results.append(cp.choice)
+    return results
+
+
+def test_auto_is_exact_and_ranks_agree():
+    choices = run_ranks(_exact_on_ranks, 2)
+    assert choices[0] == choices[1]

@@ -1,0 +1,80 @@
+"""The cost model's counts are exact: pairs against MaskSpec.pairs, bytes against hand sums."""
+import numpy as np
+import pytest
+import torch
+
+from kernels import MaskSpec
+from parallel.costmodel import (
+    Layout, balancer_rows, bytes_sent, imbalance, keys_per_query, mask_keys, pairs_per_rank, ring_reach,
+)
+from parallel.ring import RingPlan
+from parallel.simulator import H100, predict
+
+MASKS = [
+    MaskSpec(causal=True),
+    MaskSpec(causal=False),
+    MaskSpec.from_doc_lens([5, 11, 3, 13], causal=True),
+    MaskSpec.from_doc_lens([5, 11, 3, 13], causal=False),
+    MaskSpec(causal=True, window=6),
+    MaskSpec.from_doc_lens([9, 7, 16], causal=True, window=4),
+]
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.describe())
+@pytest.mark.parametrize("balancer", ["contiguous", "headtail", "stripe", "per_doc"])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_pairs_per_rank_equal_mask_pairs(mask, balancer, world):
+    seqlen = 32
+    keys = mask_keys(mask, seqlen)
+    rows = balancer_rows(balancer, seqlen, world, mask)
+    assert sorted(np.concatenate(rows).tolist()) == list(range(seqlen))
+    every = torch.arange(seqlen)
+    expect = [mask.pairs(torch.as_tensor(r), every) for r in rows]
+    assert pairs_per_rank(keys, rows) == expect
+    plan = RingPlan.build(mask, [torch.as_tensor(r) for r in rows], 0, list(range(world)))
+    assert ring_reach(mask, seqlen, rows) == plan.reach
+
+
+def test_headtail_balances_causal_and_contiguous_does_not():
+    keys = keys_per_query(4096, causal=True)
+    assert imbalance(pairs_per_rank(keys, balancer_rows("headtail", 4096, 8))) == 1.0
+    contiguous = imbalance(pairs_per_rank(keys, balancer_rows("contiguous", 4096, 8)))
+    assert contiguous == pytest.approx(15 / 8, rel=1e-3)  # last rank: (2P-1)/P of the mean
+
+
+def test_bytes_formulas_by_hand():
+    lay = Layout(seqlen=1024, hq=8, hkv=2, head_dim=16, elem_bytes=4)
+    block = 2 * 256 * 2 * 16 * 4  # K and V of the 256 local tokens, P=4
+    assert bytes_sent("ring", lay, 4) == {"fwd": [3 * block] * 4, "bwd": [3 * 2 * block + block] * 4}
+    # contiguous causal: block j is needed up to the last rank only, so rank r forwards the
+    # r + 1 blocks 0..r that are still on their way and the last rank forwards nothing
+    reach = ring_reach(MaskSpec(causal=True), 1024, balancer_rows("contiguous", 1024, 4))
+    assert reach == [3, 2, 1, 0]
+    assert bytes_sent("ring", lay, 4, reach=reach)["fwd"] == [block, 2 * block, 3 * block, 0]
+    assert bytes_sent("allgather", lay, 4) == {"fwd": [3 * block] * 4, "bwd": [3 * 2 * block] * 4}
+    uly = 3 * 256 * (2 * 8 + 2 * 4) * 16 * 4 // 4  # Hkv=2 repeated to 4 heads for P=4
+    assert bytes_sent("ulysses", lay, 4) == {"fwd": [uly] * 4, "bwd": [uly] * 4}
+    assert bytes_sent("ring", lay, 1) == {"fwd": [0], "bwd": [0]}
+    bf16 = Layout(seqlen=1024, hq=8, hkv=2, head_dim=16, elem_bytes=2)
+    assert bytes_sent("allgather", bf16, 4)["bwd"] == [3 * (block // 2 + block)] * 4  # dK/dV in float32
+    with pytest.raises(ValueError, match="strategy='bogus'"):
+        bytes_sent("bogus", lay, 4)
+
+
+def test_bad_settings_name_the_setting():
+    with pytest.raises(ValueError, match="seqlen=30"):
+        balancer_rows("headtail", 30, 4)
+    with pytest.raises(ValueError, match="balancer='nope'"):
+        balancer_rows("nope", 32, 4)
+    with pytest.raises(ValueError, match="hq=6"):
+        Layout(16, 6, 4, 8)
+
+
+def test_simulator_prefers_balanced_ring_and_scales_with_work():
+    lay = Layout(65536, 32, 8, 128, 2)
+    keys = keys_per_query(lay.seqlen, causal=True)
+    zig = predict("ring", pairs_per_rank(keys, balancer_rows("headtail", lay.seqlen, 8)), lay, H100)
+    flat = predict("ring", pairs_per_rank(keys, balancer_rows("contiguous", lay.seqlen, 8)), lay, H100)
+    assert flat["total_s"] > 1.7 * zig["total_s"]
+    one = predict("none", [int(keys.sum())], lay, H100)
+    assert 0.8 < one["total_s"] / (8 * zig["total_s"]) < 1.0
