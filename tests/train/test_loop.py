@@ -102,3 +102,14 @@ def test_trains_on_a_prepared_token_folder(tmp_path):
     assert len(history) == 3 and all(m["tokens_per_s"] > 0 for m in history)
     with pytest.raises(ValueError, match="model.vocab_size=100"):
         run(config("data=tokens", f"data.path={tmp_path / 'tok'}", "model.vocab_size=100", *common))
+
+
+@pytest.mark.parametrize("mask, window", [("causal", None), ("document", None), ("window", 5)])
+def test_attention_pairs_match_the_dense_mask(mask, window):
+    from train.loop import build_mask
+    from train.metrics import attention_pairs
+
+    doc_lens = [3, 9, 1, 12]
+    tcfg = config(f"train.mask={mask}", f"train.window={window if window else 'null'}").train
+    pos = torch.arange(25)
+    assert attention_pairs(doc_lens, 25, mask, window) == build_mask(doc_lens, tcfg).pairs(pos, pos)

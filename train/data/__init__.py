@@ -14,7 +14,7 @@ SOURCES = ("stdlib", "synthetic", "tokens")
 def build_corpus(cfg, seqlen: int, seed: int):
     """The corpus named by cfg.source (a DataConfig)."""
     if cfg.source == "stdlib":
-        return StdlibCorpus(cfg.path)
+        return StdlibCorpus(to_absolute_path(cfg.path) if cfg.path else None)
     if cfg.source == "tokens":
         if not cfg.path:
             raise ValueError("data.source=tokens needs data.path=<folder written by scripts/prepare_data.py>")
