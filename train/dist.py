@@ -64,8 +64,28 @@ def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     backend = backend_for(device)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _restart_scoped_store(timeout)
+    if store is None:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     return True
+
+
+def _restart_scoped_store(timeout: datetime.timedelta):
+    """The torchrun agent's key-value store, under a prefix unique to this restart attempt.
+
+    After torchrun --max-restarts restarts the ranks, they meet in the same agent store as
+    the attempt that failed; process groups get the same names again, so a rank could read
+    a dead peer's address left by the earlier attempt (gloo: "Connection refused" or a hang
+    while creating groups). A per-attempt prefix keeps attempts apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                timeout=timeout)
+    return dist.PrefixStore(f"longctx/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
 
 
 def shutdown() -> None:

@@ -7,10 +7,15 @@ Loss invariant: loss_local = sum of cross-entropy over this rank's rows / number
 predicted tokens in the WHOLE sequence, so the sum over the CP group is the DP rank's mean
 loss; the engine turns gradients into SUM over CP, MEAN over DP, and the logged loss is
 reduced the same way (sum over CP, mean over DP).
+
+Around the step: resume from the newest complete checkpoint and a checkpoint every
+checkpoint.every steps (train/checkpoint.py), the non-finite-loss policy and stop requests
+(train/faults.py), and a lost peer reported with the step it happened at (train/dist.py).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import math
 import os
@@ -27,7 +32,8 @@ from kernels import MaskSpec
 from models.llama import Llama
 from parallel.groups import ParallelDims
 
-from . import engines
+from . import checkpoint, engines, faults
+from .dist import describe_timeout, is_timeout
 from .data import build_loader, next_token_labels
 from .logger import WandbLogger
 from .metrics import attention_pairs, peak_flops, peak_memory_mb, throughput
@@ -83,9 +89,25 @@ def validate(cfg, world: int) -> ParallelDims:
             f"parallel.strategy=none with cp={cp} ranks would repeat the same sequence on each; "
             f"set parallel.dp={world // p.tp} (data parallel) or choose a CP strategy"
         )
+    if cfg.engine.name not in engines.ENGINES:
+        raise ValueError(f"engine.name={cfg.engine.name!r} is unknown; choose one of {', '.join(engines.ENGINES)}")
+    engine_module = importlib.import_module(engines.ENGINES[cfg.engine.name].split(":")[0])
+    if hasattr(engine_module, "validate_config"):
+        engine_module.validate_config(cfg)
+    checkpoint.validate(cfg.checkpoint)
+    faults.validate(cfg.faults, cfg.checkpoint)
     opts = p.options
     return ParallelDims(world, tp=p.tp, cp=cp, dp=p.dp,
                         ulysses_degree=opts.get("ulysses_degree"), ring_degree=opts.get("ring_degree"))
+
+
+def build_groups(cfg, dims: ParallelDims):
+    """megatron takes its rank grid from megatron-core's parallel_state; the others from ParallelDims."""
+    if cfg.engine.name == "megatron":
+        from .engines.megatron import build_groups as megatron_groups
+
+        return megatron_groups(dims)
+    return dims.build()
 
 
 def run_dir(tcfg) -> str:
@@ -121,8 +143,10 @@ def micro_step(seq, cfg, engine, cp_group, device, amp_dtype, last: bool) -> tup
     }
 
 
-def run(cfg) -> list[dict]:
-    """Train for cfg.train.steps steps; returns every step's metrics (identical losses on all ranks)."""
+def run(cfg, stop_at_step: int | None = None) -> list[dict]:
+    """Train up to cfg.train.steps steps; returns the metrics of the steps this call ran
+    (identical losses on all ranks). stop_at_step ends this call after that step the way a
+    preemption does: checkpoint (when checkpointing is on), then return."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
     distributed = dist.is_available() and dist.is_initialized()
@@ -134,58 +158,109 @@ def run(cfg) -> list[dict]:
     if vocab < loader.corpus.vocab_size:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({loader.corpus.vocab_size})")
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
-    groups = dims.build() if distributed else None  # the first collective: every check is above
+    groups = build_groups(cfg, dims) if distributed else None  # the first collective: every check is above
     cp_group = groups.cp_group if groups else None
+    if rank == 0 and not cfg.train.progress:
+        print(f"world {world}: dp={dims.dp} cp={dims.cp} tp={dims.tp}, engine={cfg.engine.name}, "
+              f"parallel={cfg.parallel.strategy}", flush=True)
     torch.manual_seed(cfg.train.seed)
     model = Llama(model_cfg).to(device)
+    # FLOPs per token are linear in attention pairs; taken from the whole model before an
+    # engine shards it (TP) or partitions it (ZeRO-3)
+    dense_flops = model.flops_per_token(0.0)
+    pair_flops = model.flops_per_token(1.0) - dense_flops
     engine = engines.build(cfg.engine.name, model, cfg, groups)
+    ckpt = None
+    if cfg.checkpoint.every or cfg.checkpoint.resume:
+        ckpt = checkpoint.Checkpointer(cfg.checkpoint, rank, world, run_dir(cfg.train))
+    client = ckpt.resume(engine) if ckpt else None
+    step = client["step"] if client else 0
+    if client:
+        loader.load_state_dict(client["data"])
+        if rank == 0:
+            print(f"resumed from step {step} ({ckpt.root})", flush=True)
+    guard, stop = faults.LossGuard(cfg.faults, rank), faults.StopRequest()
     logger = WandbLogger(cfg.logger, run_dir(cfg.train), dataclasses.asdict(cfg), rank)
     peak = peak_flops(device, cfg.train.peak_tflops)
     seqlen, accum = cfg.data.seqlen, cfg.train.grad_accum
 
+    def client_state():
+        return {"step": step, "data": loader.state_dict()}
+
     history, smooth = [], None
-    bar = tqdm(range(1, cfg.train.steps + 1), disable=rank != 0 or not cfg.train.progress, desc="train", unit="step")
-    for step in bar:
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        pairs = comm = 0
-        imbalance = []
-        for micro in range(accum):
-            loss, work = micro_step(next(loader), cfg, engine, cp_group, device, amp_dtype, last=micro == accum - 1)
-            loss_sum += loss / accum
-            pairs += work["pairs"]
-            comm += work["comm_bytes"]
-            imbalance.append(work["attn_imbalance"])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t1 = time.perf_counter()
-        out = engine.step()
-        if distributed:
-            dist.all_reduce(loss_sum, group=groups.dp_cp_group)
-            loss_sum /= dims.dp
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t2 = time.perf_counter()
-        loss_value = float(loss_sum)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {step} (faults.nan_policy={cfg.faults.nan_policy})")
-        tokens_step = seqlen * accum * dims.dp
-        flops_per_token = model.flops_per_token(pairs / (seqlen * accum))
-        metrics = {
-            "step": step, "loss": loss_value, "lr": out["lr"], "grad_norm": out["grad_norm"],
-            **throughput(tokens=tokens_step, step_s=t2 - t0, world=world, flops_per_token=flops_per_token, peak=peak),
-            "attn_imbalance": sum(imbalance) / len(imbalance),
-            "comm_bytes": comm,
-            "memory/peak_mb": peak_memory_mb(device),
-            "time/step_s": t2 - t0, "time/fwd_bwd_s": t1 - t0, "time/optim_s": t2 - t1,
-        }
-        history.append(metrics)
-        if step % cfg.logger.log_every == 0 or step == cfg.train.steps:
-            logger.log(metrics, step)
-        smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
-        bar.set_postfix(loss=f"{loss_value:.3f}", avg=f"{smooth:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=rank != 0 or not cfg.train.progress, desc="train",
+               unit="step")
+    try:
+        while step < cfg.train.steps:
+            step += 1
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            pairs = comm = 0
+            imbalance, sequences = [], []
+            for micro in range(accum):
+                seq = next(loader)
+                sequences.append(seq.index)
+                loss, work = micro_step(seq, cfg, engine, cp_group, device, amp_dtype, last=micro == accum - 1)
+                loss_sum += loss / accum
+                pairs += work["pairs"]
+                comm += work["comm_bytes"]
+                imbalance.append(work["attn_imbalance"])
+            local_finite = bool(torch.isfinite(loss_sum))
+            if distributed:  # before the step, so that every rank takes the same branch below
+                dist.all_reduce(loss_sum, group=groups.dp_cp_group)
+                loss_sum /= dims.dp
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            loss_value = float(loss_sum)
+            action = guard.check(loss_value, step, sequences, local_finite)
+            if action == "ok":
+                out = engine.step()
+            else:
+                out = {"grad_norm": math.nan, "lr": engine.optimizer.param_groups[0]["lr"]}
+                faults.discard_gradients(engine)
+                if action == "rewind":  # model, optimizer and RNG go back; the data moves on
+                    step = ckpt.rewind(engine)["step"]
+                    if rank == 0:
+                        print(f"non-finite loss: rewound to step {step}", flush=True)
+                    continue
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t2 = time.perf_counter()
+            flops_per_token = dense_flops + pair_flops * pairs / (seqlen * accum)
+            metrics = {
+                "step": step, "loss": loss_value, "lr": out["lr"], "grad_norm": out["grad_norm"],
+                **throughput(tokens=seqlen * accum * dims.dp, step_s=t2 - t0, world=world,
+                             flops_per_token=flops_per_token, peak=peak),
+                "attn_imbalance": sum(imbalance) / len(imbalance),
+                "comm_bytes": comm,
+                "memory/peak_mb": peak_memory_mb(device),
+                "time/step_s": t2 - t0, "time/fwd_bwd_s": t1 - t0, "time/optim_s": t2 - t1,
+            }
+            history.append(metrics)
+            if step % cfg.logger.log_every == 0 or step == cfg.train.steps:
+                logger.log(metrics, step)
+                if rank == 0 and not cfg.train.progress:
+                    print(f"step {step} loss {loss_value:.6f} grad_norm {out['grad_norm']:.4f} lr {out['lr']:.3e} "
+                          f"tokens_per_s {metrics['tokens_per_s']:.0f}", flush=True)
+            smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
+            bar.update()
+            bar.set_postfix(loss=f"{loss_value:.3f}", avg=f"{smooth:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            saved = ckpt.maybe_save(step, engine, client_state) if ckpt else None
+            if stop.requested(device) or step == stop_at_step:
+                if ckpt and not saved:
+                    ckpt.save(step, engine, client_state())
+                if rank == 0:
+                    print(f"stopped after step {step}" + (" (checkpointed)" if ckpt else ""), flush=True)
+                break
+    except (RuntimeError, dist.DistError) as e:
+        if distributed and is_timeout(e):
+            raise RuntimeError(describe_timeout(e, step, cfg.train.dist_timeout_s)) from e
+        raise
+    finally:
+        bar.close()
     logger.finish()
-    if rank == 0:
+    if rank == 0 and history:
         tail = history[-max(len(history) // 10, 1):]
         log.info("trained %d steps: loss %.3f (first step) -> %.3f (mean of the last %d), %.0f tokens/s; wandb: %s",
                  len(history), history[0]["loss"], sum(m["loss"] for m in tail) / len(tail), len(tail),

@@ -66,10 +66,11 @@ def test_make_sbatch_fills_the_template_and_refuses_zero_nodes(tmp_path):
     from make_sbatch import render
 
     text = render(["hydra.launcher.nodes=4", "hydra.launcher.gpus_per_node=8", "hydra.launcher.partition=gpu",
-                   "hydra.launcher.account=proj", "hydra.launcher.timeout_min=90", "parallel=ring", "parallel.tp=2"])
+                   "hydra.launcher.account=proj", "hydra.launcher.timeout_min=90", "parallel=ring", "engine=megatron",
+                   "parallel.tp=2"])
     for line in ["#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
                  "#SBATCH --account=proj", "#SBATCH --time=01:30:00", "export NPROC_PER_NODE=${NPROC_PER_NODE:-8}",
-                 "set -- parallel=ring parallel.tp=2 \"$@\"", "slurm/launch.sh\" train"]:
+                 "set -- parallel=ring engine=megatron parallel.tp=2 \"$@\"", "slurm/launch.sh\" train"]:
         assert line in text, line
     with pytest.raises(ValueError, match="hydra.launcher.nodes=0 must be a positive number of nodes"):
         render(["hydra.launcher.nodes=0"])

@@ -145,9 +145,8 @@ class DeepSpeedEngine(Engine):
                 "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.ds.load_module_state_dict(sd["model"])
-        self.ds.optimizer.load_state_dict(sd["optimizer"])
-        self.scheduler.load_state_dict(sd["scheduler"])
+        raise ValueError("engine=deepspeed restores state through engine.load(path) (DeepSpeed's own sharded "
+                         "checkpoint, what checkpoint.resume uses); in-memory load_state_dict is not supported")
 
     def save(self, path: str, client_state: dict) -> None:
         """DeepSpeed's own sharded checkpoint (model, ZeRO partitions, scheduler) in path/deepspeed."""
