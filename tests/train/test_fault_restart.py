@@ -33,7 +33,8 @@ def test_killed_rank_costs_at_most_the_steps_since_the_last_checkpoint(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max_restarts=1",
            "-m", "train", "model.dim=32", "model.n_layers=2", "data.seqlen=64", f"train.steps={STEPS}",
            "train.device=cpu", "optim.warmup_steps=2", "logger=disabled", "train.progress=false", "parallel.dp=2",
-           "checkpoint=default", f"checkpoint.every={EVERY}", f"checkpoint.dir={ckpt}", f"train.out_dir={tmp_path}/run"]
+           "checkpoint=default", f"checkpoint.every={EVERY}", f"checkpoint.dir={ckpt}", f"train.out_dir={tmp_path}/run",
+           f"hydra.run.dir={tmp_path}/hydra"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "out.log", "w") as out:
         agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
