@@ -2,7 +2,8 @@
 
 Invariant.  After the all-gather, rank r holds K/V of every rank's rows; it attends its
 local queries to the rows of the ranks whose keys the mask lets them see (`needed`), in
-one kernel call, so out/lse are the full-sequence rows directly (no merge).  To bound
+one kernel call over those keys sorted by position, so out/lse are the full-sequence rows
+directly (no merge).  To bound
 memory, K/V can be gathered `kv_head_groups` heads-groups at a time (with their query
 heads); the backward gathers each group again rather than keeping it, computes dq and the
 dK/dV of the gathered rows, and reduce-scatters dK/dV (in float32) back to their owners.
@@ -24,6 +25,8 @@ class _Gathered:
     def __init__(self, cp, kv_part):
         full = all_gather_rows(kv_part, cp.group)  # [P*T, 2, h, D] in rank order
         self.rows = full.view(cp.world, -1, *kv_part.shape[1:])[cp.needed].flatten(0, 1)
+        if cp.key_order is not None:  # ascending positions: documents become runs, tiles stay few
+            self.rows = self.rows.index_select(0, cp.key_order)
         self.k, self.v = self.rows[:, 0], self.rows[:, 1]
 
 
@@ -56,6 +59,8 @@ class AllGatherAttention(torch.autograd.Function):
             dq[:, qh], dk, dv = kernels.backward(
                 dout[:, qh].contiguous(), q[:, qh], g.k, g.v, out[:, qh], lse[qh], cp.mask, q_pos=cp.index,
                 k_pos=cp.key_pos, scale=cp.scale, dlse=None if dlse is None else dlse[qh], backend=cp.backend)
+            if cp.key_order is not None:  # back from ascending positions to the gathered order
+                dk, dv = dk.index_select(0, cp.key_unorder), dv.index_select(0, cp.key_unorder)
             full = torch.zeros((cp.world, q.shape[0], 2, dk.shape[1], dk.shape[2]), dtype=dkv.dtype, device=dk.device)
             full[cp.needed] = torch.stack([dk, dv], dim=1).to(dkv.dtype).view(len(cp.needed), q.shape[0], 2, *dk.shape[1:])
             dkv[:, :, kh] = reduce_scatter_rows(full.flatten(0, 1), cp.group)
@@ -74,7 +79,15 @@ class AllGather(ContextParallel):
             raise ValueError(f"kv_head_groups={self.kv_head_groups!r} must be a positive integer")
         self.pairs = pair_matrix(mask, self.indices)
         self.needed = [j for j in range(self.world) if self.pairs[self.rank][j] > 0] or [self.rank]
-        self.key_pos = torch.cat([self.indices[j] for j in self.needed])
+        gathered = torch.cat([self.indices[j] for j in self.needed])
+        # Keys are attended in ascending position order (the kernel then sees each document
+        # as one run instead of one piece per rank and balancer chunk); key order does not
+        # change attention, so only the gathered rows are permuted, and dK/dV permuted back.
+        order = torch.argsort(gathered)
+        sorted_already = bool((order == torch.arange(order.numel())).all())
+        self.key_order = None if sorted_already else order
+        self.key_unorder = None if sorted_already else torch.argsort(order)
+        self.key_pos = gathered[order]
 
     def head_slices(self, hq: int, hkv: int):
         """(kv heads, q heads) of each head group; GQA groups stay whole."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import torch
 
@@ -21,7 +22,7 @@ from . import STRATEGIES, balance, build
 from .base import ContextParallel
 from .comm import group_layout
 from .costmodel import Layout, mask_keys, pairs_per_rank
-from .simulator import PRESETS, Hardware, predict
+from .simulator import PRESETS, Hardware, load_hardware, predict
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,22 @@ log = logging.getLogger(__name__)
 CPU = Hardware("cpu", 35e9, 24e9, 5e9, 1.2e9, 1.6e-3, 1.2e9, 1.6e-3, devices_per_node=64, overlap=0.0)
 HARDWARE = {**PRESETS, "cpu": CPU}
 DEFAULT_CANDIDATES = ("ring", "allgather", "ulysses", "usp")
+
+
+def resolve_hardware(hw) -> Hardware:
+    """A `Hardware`, a preset name, or the path of a JSON profile written by
+    `python -m scripts.simulate_cp calibrate RESULTS.jsonl --save PROFILE.json`."""
+    if isinstance(hw, Hardware):
+        return hw
+    if isinstance(hw, str) and hw.endswith(".json"):
+        if not os.path.exists(hw):
+            raise ValueError(f"auto hardware={hw!r}: no such profile; write one with "
+                             "`python -m scripts.simulate_cp calibrate RESULTS.jsonl --save {hw}`")
+        return load_hardware(hw)
+    if hw not in HARDWARE:
+        raise ValueError(f"auto hardware={hw!r} is unknown; choose one of {', '.join(HARDWARE)} "
+                         "or the path of a .json profile")
+    return HARDWARE[hw]
 
 
 def candidates(names, world: int, mask) -> list[tuple[str, str | None, dict]]:
@@ -75,10 +92,7 @@ class Auto(ContextParallel):
         hq, hkv, d = options.pop("num_heads"), options.pop("num_kv_heads"), options.pop("head_dim")
         on_gpu = torch.cuda.is_available()
         hw = options.pop("hardware", "h100" if on_gpu else "cpu")
-        if isinstance(hw, str):
-            if hw not in HARDWARE:
-                raise ValueError(f"auto hardware={hw!r} is unknown; choose one of {', '.join(HARDWARE)}")
-            hw = HARDWARE[hw]
+        hw = resolve_hardware(hw)
         names = options.pop("candidates", DEFAULT_CANDIDATES)
         elem = options.pop("elem_bytes", 2 if on_gpu else 4)  # bf16 on GPU, float32 on CPU
         _, world, _ = group_layout(group)
@@ -93,12 +107,14 @@ class Auto(ContextParallel):
         t, strategy, bal, extra = min(scored, key=lambda s: s[0])
         if strategy in ("ulysses", "usp"):
             extra = dict(extra, num_heads=hq, num_kv_heads=hkv) if strategy == "ulysses" else extra
-        self.choice = f"{strategy}/{bal or 'default'}" + "".join(f"/{k}={v}" for k, v in extra.items()
-                                                                  if k not in ("num_heads", "num_kv_heads"))
+        self.inner = build(strategy, mask, seqlen, group=group, mesh=mesh, balancer=bal, **extra, **options)
+        # the balancer actually used (None above means the strategy's default for this mask)
+        self.balancer = getattr(self.inner, "balancer", None) or bal
+        self.choice = f"{strategy}/{self.balancer or 'default'}" + "".join(
+            f"/{k}={v}" for k, v in extra.items() if k not in ("num_heads", "num_kv_heads"))
         self.predicted_s = t
         self.scores = {f"{s}/{b or 'default'}{''.join(f'/{k}={v}' for k, v in e.items())}": p for p, s, b, e in scored}
         log.info("parallel=auto chose %s (predicted %.4g s fwd+bwd on %s)", self.choice, t, hw.name)
-        self.inner = build(strategy, mask, seqlen, group=group, mesh=mesh, balancer=bal, **extra, **options)
         self.mask, self.seqlen = mask, seqlen
         for attr in ("rank", "world", "index", "indices", "group"):
             setattr(self, attr, getattr(self.inner, attr, None))

@@ -17,7 +17,8 @@ what counts.  `Hardware` holds the sustained rates; presets say where each figur
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+from dataclasses import asdict, dataclass, fields, replace
 
 from .costmodel import Layout, attention_flops, bytes_sent
 
@@ -53,6 +54,28 @@ H800 = Hardware("h800", 325e12, 289e12, 3.35e12, 200e9, 10e-6, 50e9, 20e-6)
 H100 = replace(H800, name="h100", intra_bw=450e9)
 H200 = replace(H100, name="h200", mem_bw=4.8e12)
 PRESETS = {h.name: h for h in (H100, H200, H800)}
+
+
+def save_hardware(hw: Hardware, path: str) -> None:
+    """Write a profile as JSON (what `scripts.simulate_cp calibrate --save` produces)."""
+    with open(path, "w") as f:
+        json.dump(asdict(hw), f, indent=2)
+        f.write("\n")
+
+
+def load_hardware(path: str) -> Hardware:
+    """Read a JSON profile; unknown or missing fields name themselves in the error."""
+    with open(path) as f:
+        data = json.load(f)
+    known = {f.name for f in fields(Hardware)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"hardware profile {path}: unknown field(s) {', '.join(unknown)}; "
+                         f"a profile has {', '.join(sorted(known))}")
+    try:
+        return Hardware(**data)
+    except TypeError as e:
+        raise ValueError(f"hardware profile {path}: {e}; re-create it with scripts.simulate_cp calibrate --save") from e
 
 
 def _link(hw: Hardware, group: int, stride: int = 1) -> tuple[float, float]:

@@ -82,12 +82,23 @@ class Ulysses(ContextParallel):
             self.exchange.kv_repeats(heads[0], heads[1] or heads[0])
         self.all_pos = torch.cat(self.indices)
         self.total_pairs = pair_counts(mask, self.all_pos, self.all_pos)
+        # The kernel runs on the rows in ascending position order: with a balancer that
+        # interleaves (headtail, per_doc) the gathered rows would otherwise cut every
+        # document into pieces, each a separate tile with its own merge.
+        order = torch.argsort(self.all_pos)
+        self.order = None if bool((order == torch.arange(order.numel())).all()) else order
+        self.unorder = None if self.order is None else torch.argsort(order)
+        self.sorted_pos = self.all_pos[order]
 
     def compute(self, q, k, v, with_lse=True):
         self.check_inputs(q, k, v)
         qh, kh, vh, k = self.exchange.scatter_heads(q, k, v)
-        out, lse = kernels.attention(qh, kh, vh, self.mask, q_pos=self.all_pos, k_pos=self.all_pos,
+        if self.order is not None:
+            qh, kh, vh = (x.index_select(0, self.order) for x in (qh, kh, vh))
+        out, lse = kernels.attention(qh, kh, vh, self.mask, q_pos=self.sorted_pos, k_pos=self.sorted_pos,
                                      scale=self.scale, backend=self.backend)
+        if self.order is not None:
+            out, lse = out.index_select(0, self.unorder), lse.index_select(1, self.unorder)
         lse_rows = self.exchange.lse_to_rows(lse) if with_lse else None
         moved = self.exchange.bytes_moved(q, k)
         self.stats = CPStats([moved] * self.world, [moved] * self.world, [self.total_pairs // self.world] * self.world)

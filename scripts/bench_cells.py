@@ -74,6 +74,8 @@ def expand(cfg: dict) -> list[dict]:
         for balancer, world in itertools.product(balancers, [w for w in cfg["worlds"] if w > 1]):
             runs.append((strategy, balancer, world, dict(cfg.get("options", {}).get(strategy, {}))))
     for (mask, seqlen, (hq, hkv)), (strategy, balancer, world, options) in itertools.product(shapes, runs):
+        if balancer == "per_doc" and "document" not in mask:
+            continue  # per_doc of a single document is headtail: the same cell twice
         if strategy == "auto":  # auto predicts communication from the head layout
             options = dict(options, num_heads=hq, num_kv_heads=hkv, head_dim=cfg["head_dim"])
         cell = dict(strategy=strategy, balancer=balancer, mask=mask, seqlen=seqlen, world=world, hq=hq, hkv=hkv,

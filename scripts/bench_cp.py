@@ -35,9 +35,9 @@ class BenchConfig:
     out_dir: str = "bench_out"
     strategies: list = field(default_factory=lambda: ["ring", "allgather", "ulysses", "auto"])
     peers: list = field(default_factory=lambda: ["deepspeed-ulysses", "torch-cp", "yunchang"])
-    balancers: list = field(default_factory=lambda: ["contiguous", "headtail"])
+    balancers: list = field(default_factory=lambda: ["contiguous", "headtail", "per_doc"])
     masks: list = field(default_factory=lambda: ["causal", "document"])
-    seqlens: list = field(default_factory=lambda: [1024, 2048])
+    seqlens: list = field(default_factory=lambda: [4096, 8192])
     worlds: list = field(default_factory=lambda: [1, 2])
     heads: list = field(default_factory=lambda: [[8, 8], [8, 2]])
     head_dim: int = 64

@@ -18,7 +18,7 @@ from dataclasses import replace
 from parallel.costmodel import (
     Layout, attention_flops, balancer_rows, bytes_sent, imbalance, mask_keys, pairs_per_rank, ring_reach,
 )
-from parallel.simulator import H200, H800, LLAMA3_8B, PRESETS, Hardware, predict, throughput
+from parallel.simulator import H200, H800, LLAMA3_8B, PRESETS, Hardware, predict, save_hardware, throughput
 from scripts.bench_cells import REPO_ROOT, make_mask
 from scripts.bench_report import load_records
 
@@ -99,10 +99,53 @@ def _docs(args):
     return sample_doc_lens(args.seqlen, {"file": DOCLENS}, 0)
 
 
+def _share(records: list[dict], world: int) -> tuple[float, float]:
+    """How much of its 1-rank rate a rank keeps when `world` ranks compute at once: the rate
+    probe of that launch over the probe of the 1-rank launch (1.0 when either is missing)."""
+    one = [r for r in records if r["world"] == 1 and "probe_fwd_flops" in r]
+    many = [r for r in records if r["world"] == world and "probe_fwd_flops" in r]
+    if not one or not many:
+        return 1.0, 1.0
+    return (many[0]["probe_fwd_flops"] / one[0]["probe_fwd_flops"],
+            many[0]["probe_bwd_flops"] / one[0]["probe_bwd_flops"])
+
+
+def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares y = a * x + b with b >= 0 (a fixed cost cannot be negative)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else my / mx
+    b = my - a * mx
+    if b < 0:  # through the origin instead
+        a, b = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0
+    return a, b
+
+
+def fit_cpu_profile(records: list[dict], world: int = 2, name: str = "cpu") -> Hardware:
+    """One CPU `Hardware` for a whole benchmark run, from its 1-rank kernel cells only:
+    seconds = FLOPs / rate + call_overhead fitted over every shape (fwd and bwd apart),
+    rates scaled by the P-rank launch's rate-probe share, link bandwidth and latency from
+    the worker's gloo probe.  No time of any P-rank CP cell enters the fit."""
+    base = [r for r in records if r["strategy"] == "kernel" and r.get("correct") and r.get("fwd_s")]
+    link = [r for r in records if r["world"] == world and "link_bw" in r]
+    if not base or not link:
+        raise ValueError("calibrate needs the 1-rank kernel cells and a P-rank launch (link probe) in the JSONL; "
+                         "run scripts.bench_cp with worlds=[1,2]")
+    flops = [attention_flops(r["total_pairs"], r["hq"], r["head_dim"]) for r in base]
+    inv_f, over_f = _fit_line(flops, [r["fwd_s"] for r in base])
+    inv_b, over_b = _fit_line([2.5 * f for f in flops], [r["bwd_s"] for r in base])
+    share_f, share_b = _share(records, world)
+    lat = sorted(r["link_lat"] for r in link)[len(link) // 2]
+    bw = sorted(r["link_bw"] for r in link)[len(link) // 2]
+    return Hardware(name, share_f / inv_f, share_b / inv_b, 10e9, bw, lat, bw, lat, devices_per_node=64,
+                    overlap=0.0, call_overhead=(over_f + over_b) / 2)
+
+
 def cpu_hardware(records: list[dict], cell: dict) -> Hardware | None:
-    """CPU rates: the 1-rank kernel cell of this shape, scaled by the rate probe of the P-rank
-    launch over that of the 1-rank launch (how much CPU each rank really gets); the link from
-    the gloo probe.  No time of any P-rank CP cell enters."""
+    """Per-shape CPU rates: the 1-rank kernel cell of this shape, scaled by the rate probe
+    of the P-rank launch over that of the 1-rank launch (how much CPU each rank really
+    gets); the link from the gloo probe.  No time of any P-rank CP cell enters."""
     key = lambda r: (r["mask"], r["seqlen"], r["hq"], r["hkv"], r["head_dim"], r["dtype"])  # noqa: E731
     base = [r for r in records if r["strategy"] == "kernel" and r.get("correct") and key(r) == key(cell)]
     if not base or "link_bw" not in cell:
@@ -115,22 +158,58 @@ def cpu_hardware(records: list[dict], cell: dict) -> Hardware | None:
                     cell["link_bw"], cell["link_lat"], devices_per_node=64, overlap=0.0)
 
 
-def calibrate(args) -> None:
-    records = load_records(args.jsonl)
-    print("| cell | measured ms (median) | measured ms (fastest repeat) | predicted ms | error vs median | "
-          "error vs fastest |\n|---|---|---|---|---|---|")
+def _cell_strategy(r: dict) -> tuple[str, int | None] | None:
+    """(strategy, ulysses_degree) whose time model applies to a measured cell; auto cells
+    are modelled as the strategy they chose."""
+    name = r["strategy"]
+    if name == "auto":
+        name = str(r.get("extra", {}).get("auto_choice", "")).split("/")[0]
+    if name.startswith("peer:deepspeed-ulysses"):
+        name = "ulysses"
+    if name not in ("ring", "allgather", "ulysses", "usp"):
+        return None
+    return name, r.get("options", {}).get("ulysses_degree")
+
+
+def compare(records: list[dict], profile: Hardware | None = None) -> list[dict]:
+    """Predicted vs measured seconds (fwd+bwd, median) of every correct P-rank cell; with a
+    `profile`, from it alone, else from the same shape's 1-rank kernel cell."""
+    rows = []
     for r in records:
-        if r["world"] < 2 or not r.get("correct") or r["strategy"] not in ("ring", "allgather", "ulysses"):
+        kind = _cell_strategy(r) if r["world"] > 1 and r.get("correct") and r.get("pairs") else None
+        if kind is None:
             continue
-        hw = cpu_hardware(records, r)
+        hw = profile or cpu_hardware(records, r)
         if hw is None:
             continue
         lay = Layout(r["seqlen"], r["hq"], r["hkv"], r["head_dim"], 4)
-        t = predict(r["strategy"], r["pairs"], lay, hw)["total_s"]
+        t = predict(kind[0], r["pairs"], lay, hw, ulysses_degree=kind[1])["total_s"]
         meas = r["fwd_s"] + r["bwd_s"]
         fast = min(f + b for f, b in zip(r["fwd_s_all"], r["bwd_s_all"]))
-        print(f"| {r['id']} | {meas * 1e3:.0f} | {fast * 1e3:.0f} | {t * 1e3:.0f} | {(t - meas) / meas:+.1%} | "
-              f"{(t - fast) / fast:+.1%} |")
+        rows.append(dict(id=r["id"], measured=meas, fastest=fast, predicted=t, error=(t - meas) / meas))
+    return rows
+
+
+def calibrate(args) -> None:
+    records = load_records(args.jsonl)
+    profile = fit_cpu_profile(records)
+    print(f"Profile fitted from the 1-rank kernel cells and the link probe: {profile}\n")
+    if args.save:
+        save_hardware(profile, args.save)
+        print(f"saved to {args.save} (use it with parallel=auto +parallel.options.hardware={args.save})\n")
+    for title, rows in (("profile (one fit for the whole run)", compare(records, profile)),
+                        ("same-shape 1-rank kernel rate", compare(records))):
+        print(f"### Predicted from the {title}\n")
+        print("| cell | measured ms (median) | measured ms (fastest) | predicted ms | error vs median |\n"
+              "|---|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['id']} | {row['measured'] * 1e3:.0f} | {row['fastest'] * 1e3:.0f} | "
+                  f"{row['predicted'] * 1e3:.0f} | {row['error']:+.1%} |")
+        if rows:
+            errs = [abs(row["error"]) for row in rows]
+            inside = sum(e <= 0.25 for e in errs)
+            print(f"\n{inside} of {len(rows)} cells within 25%; largest |error| {max(errs):.1%}, "
+                  f"median {sorted(errs)[len(errs) // 2]:.1%}\n")
 
 
 def main(argv=None) -> None:
@@ -149,6 +228,7 @@ def main(argv=None) -> None:
     p.set_defaults(fn=predict_cmd)
     c = sub.add_parser("calibrate")
     c.add_argument("jsonl")
+    c.add_argument("--save", help="write the fitted profile as JSON (for parallel=auto's hardware option)")
     c.set_defaults(fn=calibrate)
     args = ap.parse_args(argv)
     args.fn(args)

@@ -55,3 +55,17 @@ def test_derive_definitions():
     assert abs(rows[1]["spread_s"] - (3.0 - 2.4)) < 1e-12 and rows[1]["bytes_match"] is True
     assert rows[2]["status"] == "WRONG" and "efficiency" not in rows[2]
     json.dumps(rows)
+
+
+def test_auto_vs_best_reads_the_chosen_strategys_own_cell():
+    from scripts.bench_report import auto_vs_best
+
+    common = dict(mask="causal", seqlen=1000, hq=2, hkv=2, head_dim=4, dtype="float32", correct=True, total_pairs=500,
+                  world=2, options={})
+    cell = lambda strategy, balancer, t, **kw: dict(common, strategy=strategy, balancer=balancer, fwd_s=t / 4,  # noqa: E731
+                                                    bwd_s=3 * t / 4, fwd_s_all=[t / 4], bwd_s_all=[3 * t / 4], **kw)
+    rows = derive([cell("ring", "headtail", 1.0), cell("ring", "contiguous", 1.5), cell("ulysses", None, 1.2),
+                   cell("auto", None, 1.3, extra={"auto_choice": "ulysses/headtail"})])
+    line = auto_vs_best(rows).strip().splitlines()[-1]
+    # chosen = the ulysses cell (1200 ms), auto's own cell 1300 ms, best = ring/headtail (1000 ms)
+    assert line == "| causal | 1000 | 2 | 2/2 | ulysses/headtail | 1200 | 1300 | ring/headtail | 1000 | 1.200 | 1.300 |"

@@ -1,0 +1,59 @@
+"""Simulator calibration from benchmark records, and hardware profiles on disk."""
+import json
+
+import pytest
+
+from parallel.auto import resolve_hardware
+from parallel.costmodel import attention_flops
+from parallel.simulator import H100, load_hardware, save_hardware
+from scripts.simulate_cp import compare, fit_cpu_profile
+
+
+def _kernel(seqlen, fwd_s, bwd_s, **kw):
+    return dict(strategy="kernel", world=1, mask="causal", seqlen=seqlen, hq=2, hkv=2, head_dim=4, dtype="float32",
+                correct=True, total_pairs=seqlen * (seqlen + 1) // 2, fwd_s=fwd_s, bwd_s=bwd_s,
+                probe_fwd_flops=100.0, probe_bwd_flops=100.0, **kw)
+
+
+def test_fit_recovers_rate_and_overhead_from_kernel_cells_only():
+    # cells made from a known machine: 1 GFLOP/s forward, 0.5 backward, 2 ms per call
+    cells = []
+    for t in (256, 512, 1024):
+        f = attention_flops(t * (t + 1) // 2, 2, 4)
+        cells.append(_kernel(t, f / 1e9 + 0.002, 2.5 * f / 0.5e9 + 0.002))
+    two_rank = dict(strategy="ring", world=2, link_bw=1e9, link_lat=1e-4, probe_fwd_flops=80.0,
+                    probe_bwd_flops=90.0, mask="causal", seqlen=1024, hq=2, hkv=2, head_dim=4, dtype="float32")
+    hw = fit_cpu_profile(cells + [two_rank])
+    assert hw.fwd_flops == pytest.approx(0.8e9, rel=1e-9)   # scaled by the 2-rank probe share
+    assert hw.bwd_flops == pytest.approx(0.45e9, rel=1e-9)
+    assert hw.call_overhead == pytest.approx(0.002, rel=1e-6)
+    assert (hw.intra_bw, hw.intra_lat, hw.overlap) == (1e9, 1e-4, 0.0)
+
+
+def test_fit_refuses_records_without_a_baseline():
+    with pytest.raises(ValueError, match="1-rank kernel cells"):
+        fit_cpu_profile([dict(strategy="ring", world=2, link_bw=1.0, link_lat=1.0)])
+
+
+def test_compare_predicts_every_correct_multi_rank_cell():
+    base = _kernel(1024, 0.1, 0.3)
+    cell = dict(base, strategy="ring", balancer="headtail", world=2, id="ring-cell", pairs=[262400, 262400],
+                link_bw=1e9, link_lat=1e-4, fwd_s=0.06, bwd_s=0.16, fwd_s_all=[0.06], bwd_s_all=[0.16])
+    wrong = dict(cell, id="wrong", correct=False)
+    rows = compare([base, cell, wrong])
+    assert [r["id"] for r in rows] == ["ring-cell"]
+    assert rows[0]["error"] == pytest.approx((rows[0]["predicted"] - 0.22) / 0.22)
+
+
+def test_profiles_round_trip_and_bad_files_name_the_problem(tmp_path):
+    path = tmp_path / "cpu.json"
+    save_hardware(H100, str(path))
+    assert load_hardware(str(path)) == H100
+    assert resolve_hardware(str(path)) == H100
+    data = json.loads(path.read_text())
+    data["flops"] = 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="unknown field"):
+        load_hardware(str(path))
+    with pytest.raises(ValueError, match="calibrate"):
+        resolve_hardware(str(tmp_path / "missing.json"))
