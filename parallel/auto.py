@@ -21,15 +21,21 @@ import torch
 from . import STRATEGIES, balance, build
 from .base import ContextParallel
 from .comm import group_layout
-from .costmodel import Layout, mask_keys, pairs_per_rank
+from .costmodel import Layout, kernel_rows, mask_keys, pairs_per_rank
 from .simulator import PRESETS, Hardware, load_hardware, predict
 
 log = logging.getLogger(__name__)
 
-# gloo on this project's 2-core CPU runner, measured by scripts.bench_cp: the cpu kernel on one
-# thread (16K causal, 8 heads x 64: 35 GFLOP/s fwd, 24 GFLOP/s bwd) and the worker's p2p probe
-# (1.2 GB/s, 1.6 ms under load); one thread per rank, so no compute/communication overlap.
-CPU = Hardware("cpu", 35e9, 24e9, 5e9, 1.2e9, 1.6e-3, 1.2e9, 1.6e-3, devices_per_node=64, overlap=0.0)
+# gloo on this project's 2-core CPU runner (one thread per rank, so no compute/communication
+# overlap), from `python -m scripts.simulate_cp calibrate results.jsonl --fit-masks causal` on
+# a quiet-machine run of the default bench matrix (scripts/BENCHMARKS.md): kernel rate and
+# per-row diagonal cost from the 1-rank cells, the in-CP rate share (0.85) from the causal
+# 2-rank cells, p2p / all-gather+reduce-scatter / all-to-all bandwidths and the merge cost of
+# a cut kernel call from the worker's probes.  Re-calibrate for another machine with
+# `--save cpu.json` and pass `hardware=cpu.json`.
+CPU = Hardware("cpu", fwd_flops=61.1e9, bwd_flops=63.3e9, mem_bw=10e9, intra_bw=3.59e9, intra_lat=6.5e-4,
+               inter_bw=3.59e9, inter_lat=6.5e-4, devices_per_node=64, overlap=0.0, diag_fwd=7.35e-7,
+               diag_bwd=2.29e-6, split_fwd=6.8e-7, split_bwd=5.4e-8, coll_bw=0.414e9, a2a_bw=1.29e9)
 HARDWARE = {**PRESETS, "cpu": CPU}
 DEFAULT_CANDIDATES = ("ring", "allgather", "ulysses", "usp")
 
@@ -75,7 +81,10 @@ def predicted_time(strategy, balancer, options, mask, seqlen, world, lay: Layout
     pairs = pairs_per_rank(mask_keys(mask, seqlen), rows)
     if strategy in ("ulysses", "usp") and lay.hq % options.get("ulysses_degree", world):
         return float("inf")  # heads cannot be split that way
-    return predict(strategy, pairs, lay, hw, ulysses_degree=options.get("ulysses_degree"))["total_s"]
+    cut = None
+    if hw.diag_fwd or hw.diag_bwd or hw.split_fwd or hw.split_bwd:  # tile-based kernel (cpu)
+        cut = kernel_rows(strategy, mask, seqlen, rows, ulysses_degree=options.get("ulysses_degree"))
+    return predict(strategy, pairs, lay, hw, ulysses_degree=options.get("ulysses_degree"), kernel_rows=cut)["total_s"]
 
 
 class Auto(ContextParallel):

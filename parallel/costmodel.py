@@ -175,3 +175,43 @@ def bytes_sent(strategy: str, lay: Layout, world: int, *, reach: list[int] | Non
         ring = bytes_sent("ring", Layout(lay.seqlen, lay.hq // u, hkv // u, lay.head_dim, lay.elem_bytes), p // u)
         return {k: [uly[k][0] + ring[k][0]] * p for k in ("fwd", "bwd")}
     raise ValueError(f"strategy={strategy!r} has no bytes formula; choose ring, allgather, ulysses, usp or none")
+
+
+def kernel_rows(strategy: str, mask, seqlen: int, rows: list[np.ndarray], *,
+                ulysses_degree: int | None = None) -> dict[str, list[int]]:
+    """How the cpu backend (`kernels.cpu.plan`) cuts each rank's work in one attention call,
+    per rank: "diagonal", rows of causal tiles (each computes whole key blocks across its
+    diagonal, about half a block of keys beyond its pairs per row: why short documents cost
+    more per pair); "split", rows of kernel calls cut into several tiles, whose partials are
+    merged (plus the ring's own merge of every step after the first).  Calls: ring, the
+    rank's rows against every rank's rows; allgather, its rows against the gathered keys in
+    ascending order; ulysses, the whole sequence in ascending order (its share of the
+    heads); usp, its group's rows against every group's rows."""
+    from kernels.cpu import CAUSAL, plan
+
+    def cut(q, k) -> tuple[int, int]:
+        tiles = plan(mask, q, k)
+        diag = sum(t.q1 - t.q0 for t in tiles if t.kind == CAUSAL)
+        return diag, (sum(t.q1 - t.q0 for t in tiles) if len(tiles) > 1 else 0)
+
+    def calls(q, keys) -> tuple[int, int]:
+        parts = [cut(q, k) for k in keys]
+        steps = sum(1 for k in keys if plan(mask, q, k))
+        return sum(d for d, _ in parts), sum(s for _, s in parts) + max(steps - 1, 0) * len(q)
+
+    world = len(rows)
+    idx = [torch.as_tensor(np.sort(r)) for r in rows]
+    everything = torch.arange(seqlen)
+    if strategy in ("none", "ulysses") or world == 1:
+        per = [cut(everything, everything)] * world
+    elif strategy == "allgather":
+        per = [cut(q, everything) for q in idx]
+    elif strategy == "ring":
+        per = [calls(q, idx) for q in idx]
+    elif strategy == "usp":
+        u = ulysses_degree or 1
+        groups = [torch.cat(idx[g * u:(g + 1) * u]).sort().values for g in range(world // u)]
+        per = [calls(groups[r // u], groups) for r in range(world)]
+    else:
+        raise ValueError(f"strategy={strategy!r} has no kernel cut; choose ring, allgather, ulysses, usp or none")
+    return {"diagonal": [d for d, _ in per], "split": [s for _, s in per]}

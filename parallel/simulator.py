@@ -40,6 +40,13 @@ class Hardware:
     merge_passes: float = 6.0   # fp32 passes over the output per forward ring-step merge
     accum_passes: float = 2.0   # fp32 passes over dQ per backward ring-step accumulation
     call_overhead: float = 0.0  # fixed seconds per kernel call (launch / python)
+    diag_fwd: float = 0.0       # seconds per row of a causal (diagonal) kernel tile per query head:
+    diag_bwd: float = 0.0       # the kernel computes whole key blocks across the diagonal, so every
+                                # document pays ~half a block of wasted keys per row (cpu backend)
+    split_fwd: float = 0.0      # seconds per row per query head of a kernel call cut into several
+    split_bwd: float = 0.0      # tiles (merging partials fwd, accumulating grads bwd; cpu backend)
+    coll_bw: float = 0.0        # effective bytes/s per rank of all-gather / reduce-scatter and of
+    a2a_bw: float = 0.0         # all-to-all, where they differ from p2p (gloo); 0 = the link's
 
 
 # Figures: H100 SXM dense bf16 989 TFLOP/s and NVLink4 900 GB/s total = 450 GB/s per direction,
@@ -85,6 +92,13 @@ def _link(hw: Hardware, group: int, stride: int = 1) -> tuple[float, float]:
     return hw.inter_bw, hw.inter_lat
 
 
+def _tile_costs(hw: Hardware, diag: float, split: float, heads: float) -> tuple[float, float]:
+    """Cost (fwd, bwd) of how the kernel cuts one rank's work: `diag` rows of causal tiles
+    (block-wise waste along the diagonal) and `split` rows merged from several tiles."""
+    return (heads * (diag * hw.diag_fwd + split * hw.split_fwd),
+            heads * (diag * hw.diag_bwd + split * hw.split_bwd))
+
+
 def _ring(c_fwd, c_bwd, lay: Layout, p: int, hw: Hardware, stride: int) -> tuple[float, float]:
     bw, lat = _link(hw, p, stride)
     sent = bytes_sent("ring", lay, p)
@@ -100,21 +114,35 @@ def _ring(c_fwd, c_bwd, lay: Layout, p: int, hw: Hardware, stride: int) -> tuple
     return times[0], times[1]
 
 
-def _collective(nbytes: float, p: int, hw: Hardware, stride: int = 1) -> float:
-    """Ring-algorithm collective over p ranks: p-1 latencies + bytes over the slowest link."""
+def _collective(nbytes: float, p: int, hw: Hardware, stride: int = 1, kind: str = "gather") -> float:
+    """Ring-algorithm collective over p ranks: p-1 latencies + bytes over the slowest link
+    (or the profile's measured bandwidth of that kind of collective: "gather" for
+    all-gather / reduce-scatter, "a2a" for all-to-all)."""
     if p == 1:
         return 0.0
     bw, lat = _link(hw, p, stride)
-    return (p - 1) * lat + nbytes / bw
+    measured = hw.a2a_bw if kind == "a2a" else hw.coll_bw
+    return (p - 1) * lat + nbytes / (measured or bw)
 
 
 def predict(strategy: str, pairs: list[int], lay: Layout, hw: Hardware, *,
-            ulysses_degree: int | None = None, epsilon: float = 0.0) -> dict[str, float]:
-    """Predicted seconds of one attention call on len(pairs) ranks: fwd_s, bwd_s, total_s."""
+            ulysses_degree: int | None = None, epsilon: float = 0.0,
+            kernel_rows: dict[str, list[int]] | None = None) -> dict[str, float]:
+    """Predicted seconds of one attention call on len(pairs) ranks: fwd_s, bwd_s, total_s.
+
+    `kernel_rows` (per rank, from `costmodel.kernel_rows`: "diagonal" and "split" rows) adds
+    the profile's costs of how a tile-based kernel cuts the work (`diag_*`, `split_*`; zero
+    for the GPU presets, whose figures are sustained rates of whole causal runs)."""
     p = len(pairs)
     worst, total = max(pairs), sum(pairs)
     flops = lambda n, b: attention_flops(n, lay.hq, lay.head_dim, backward=b)  # noqa: E731
     rate = lambda n, b: flops(n, b) / (hw.bwd_flops if b else hw.fwd_flops)  # noqa: E731
+    heads = lay.hq / p if strategy == "ulysses" else lay.hq / (ulysses_degree or 1) if strategy == "usp" else lay.hq
+    if kernel_rows:
+        worst_rank = max(range(p), key=lambda r: pairs[r])
+        tile_f, tile_b = _tile_costs(hw, kernel_rows["diagonal"][worst_rank], kernel_rows["split"][worst_rank], heads)
+    else:
+        tile_f = tile_b = 0.0
     if strategy == "none" or p == 1:
         fwd, bwd = rate(total, False) + hw.call_overhead, rate(total, True) + hw.call_overhead
     elif strategy == "ring":
@@ -125,8 +153,8 @@ def predict(strategy: str, pairs: list[int], lay: Layout, hw: Hardware, *,
         bwd = _collective(sent["bwd"][0], p, hw) + rate(worst, True) + hw.call_overhead
     elif strategy == "ulysses":
         sent = bytes_sent("ulysses", lay, p)
-        fwd = _collective(sent["fwd"][0], p, hw) + rate(total / p, False) + hw.call_overhead
-        bwd = _collective(sent["bwd"][0], p, hw) + rate(total / p, True) + hw.call_overhead
+        fwd = _collective(sent["fwd"][0], p, hw, kind="a2a") + rate(total / p, False) + hw.call_overhead
+        bwd = _collective(sent["bwd"][0], p, hw, kind="a2a") + rate(total / p, True) + hw.call_overhead
     elif strategy == "usp":
         u = ulysses_degree or 1
         r = p // u
@@ -137,8 +165,8 @@ def predict(strategy: str, pairs: list[int], lay: Layout, hw: Hardware, *,
         c_f = attention_flops(max(ring_pairs), ring_lay.hq, lay.head_dim) / hw.fwd_flops
         c_b = attention_flops(max(ring_pairs), ring_lay.hq, lay.head_dim, backward=True) / hw.bwd_flops
         rf, rb = _ring(c_f, c_b, ring_lay, r, hw, u)
-        fwd = _collective(uly["fwd"][0], u, hw) + rf
-        bwd = _collective(uly["bwd"][0], u, hw) + rb
+        fwd = _collective(uly["fwd"][0], u, hw, kind="a2a") + rf
+        bwd = _collective(uly["bwd"][0], u, hw, kind="a2a") + rb
     elif strategy == "cad":
         loc = lay.seqlen // p
         ship = (p - 1) / p * loc * (2 * lay.hq + 2 * lay.hkv) * lay.head_dim * lay.elem_bytes
@@ -147,6 +175,7 @@ def predict(strategy: str, pairs: list[int], lay: Layout, hw: Hardware, *,
         bwd = max(rate(bal, True), _collective(ship, p, hw)) + hw.call_overhead
     else:
         raise ValueError(f"strategy={strategy!r} has no time model; choose none, ring, allgather, ulysses, usp or cad")
+    fwd, bwd = fwd + tile_f, bwd + tile_b
     return {"fwd_s": fwd, "bwd_s": bwd, "total_s": fwd + bwd}
 
 

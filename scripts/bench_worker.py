@@ -168,7 +168,33 @@ def link_probe(device, nbytes: int = 1 << 24, reps: int = 3) -> dict:
                 dist.send(buf, 0)
         times[size] = (time.perf_counter() - t0) / (2 * reps)
     lat = times[8]
-    return {"link_lat": lat, "link_bw": nbytes / max(times[nbytes] - lat, 1e-9)}
+    return {"link_lat": lat, "link_bw": nbytes / max(times[nbytes] - lat, 1e-9), **collective_probe(device, nbytes)}
+
+
+def collective_probe(device, nbytes: int = 1 << 24, reps: int = 3) -> dict:
+    """Effective bandwidth of the collectives the strategies use (all-gather, reduce-scatter,
+    all-to-all; `nbytes` to every peer): bytes each rank sends over the median time.  On
+    gloo they run several times slower than one p2p message of the same size, which the
+    simulator's `coll_bw` carries."""
+    world = dist.get_world_size()
+    chunk = torch.zeros(nbytes // 4, device=device)
+    full = torch.zeros(world * chunk.numel(), device=device)
+    out = torch.empty_like(full)
+    ops = {"all_gather": lambda: dist.all_gather_into_tensor(out, chunk),
+           "reduce_scatter": lambda: dist.reduce_scatter_tensor(chunk, full),
+           "all_to_all": lambda: dist.all_to_all_single(out, full)}
+    res = {}
+    for name, op in ops.items():
+        times = []
+        for _ in range(reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            op()
+            _sync(device)
+            times.append(_max_over_ranks(time.perf_counter() - t0))
+        res[f"{name}_bw"] = (world - 1) * nbytes / sorted(times)[reps // 2]
+    res["coll_bw"] = sorted(res.values())[1]  # the median of the three
+    return res
 
 
 def rate_probe(device, seqlen: int = 2048, heads: int = 8, head_dim: int = 64) -> dict:
@@ -193,6 +219,38 @@ def rate_probe(device, seqlen: int = 2048, heads: int = 8, head_dim: int = 64) -
         t2 = time.perf_counter()
         best_f, best_b = min(best_f, _max_over_ranks(t1 - t0)), min(best_b, _max_over_ranks(t2 - t1))
     return {"probe_fwd_flops": flops / best_f, "probe_bwd_flops": 2.5 * flops / best_b}
+
+
+def tile_probe(device, rows: int = 2048, heads: int = 8, head_dim: int = 64, pieces: int = 16) -> dict:
+    """Cost per row and head of a kernel call cut into tiles (fwd: merging the tiles'
+    partial outputs; bwd: accumulating their gradients): the same bidirectional attention
+    run as one tile and as `pieces` tiles (keys in `pieces` shuffled runs, so
+    `kernels.cpu.plan` cuts them apart); the pairs are identical, so the difference over
+    the merged rows is that cost.  Only the cpu backend works in tiles; elsewhere this
+    returns nothing."""
+    from kernels import MaskSpec
+
+    if device.type != "cpu":
+        return {}
+    g = torch.Generator().manual_seed(2)
+    q, k, v, dout = (torch.randn(rows, heads, head_dim, generator=g) for _ in range(4))
+    mask, pos = MaskSpec(causal=False), torch.arange(rows)
+    shuffled = pos.view(pieces, -1).flip(0).reshape(-1)   # runs of rows/pieces, out of order
+    times = {}
+    for name, k_pos in (("one", pos), ("many", shuffled)):
+        best_f = best_b = float("inf")
+        for _ in range(3):
+            dist.barrier()
+            t0 = time.perf_counter()
+            out, lse = kernels.forward(q, k, v, mask, q_pos=pos, k_pos=k_pos, backend="cpu")
+            t1 = time.perf_counter()
+            kernels.backward(dout, q, k, v, out, lse, mask, q_pos=pos, k_pos=k_pos, backend="cpu")
+            t2 = time.perf_counter()
+            best_f, best_b = min(best_f, _max_over_ranks(t1 - t0)), min(best_b, _max_over_ranks(t2 - t1))
+        times[name] = (best_f, best_b)
+    merged = pieces * rows * heads  # rows x heads the cut call merges (fwd) / accumulates (bwd)
+    return {"split_fwd_s": max(times["many"][0] - times["one"][0], 0.0) / merged,
+            "split_bwd_s": max(times["many"][1] - times["one"][1], 0.0) / merged}
 
 
 def run_cell(cell, device) -> dict | None:
@@ -260,7 +318,7 @@ def main(argv=None):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     for name, target in cells[0].get("extra_strategies", {}).items() if cells else ():
         parallel.STRATEGIES[name] = target
-    link = dict(link_probe(device), **rate_probe(device))
+    link = dict(link_probe(device), **rate_probe(device), **tile_probe(device))
     for cell in cells:
         try:
             rec = run_cell(cell, device)

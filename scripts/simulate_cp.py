@@ -16,7 +16,7 @@ import os
 from dataclasses import replace
 
 from parallel.costmodel import (
-    Layout, attention_flops, balancer_rows, bytes_sent, imbalance, mask_keys, pairs_per_rank, ring_reach,
+    Layout, attention_flops, balancer_rows, bytes_sent, imbalance, kernel_rows, mask_keys, pairs_per_rank, ring_reach,
 )
 from parallel.simulator import H200, H800, LLAMA3_8B, PRESETS, Hardware, predict, save_hardware, throughput
 from scripts.bench_cells import REPO_ROOT, make_mask
@@ -110,106 +110,143 @@ def _share(records: list[dict], world: int) -> tuple[float, float]:
             many[0]["probe_bwd_flops"] / one[0]["probe_bwd_flops"])
 
 
-def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares y = a * x + b with b >= 0 (a fixed cost cannot be negative)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else my / mx
-    b = my - a * mx
-    if b < 0:  # through the origin instead
-        a, b = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0
-    return a, b
+def _kernel_rows(r: dict, strategy: str = "none", balancer=None) -> dict[str, list[int]]:
+    """cpu-backend diagonal / split rows per rank of a record's shape under `strategy` / `balancer`."""
+    mask = make_mask(r)
+    rows = balancer_rows(balancer, r["seqlen"], r["world"], mask)
+    return kernel_rows(strategy, mask, r["seqlen"], rows, ulysses_degree=r.get("options", {}).get("ulysses_degree"))
 
 
-def fit_cpu_profile(records: list[dict], world: int = 2, name: str = "cpu") -> Hardware:
-    """One CPU `Hardware` for a whole benchmark run, from its 1-rank kernel cells only:
-    seconds = FLOPs / rate + call_overhead fitted over every shape (fwd and bwd apart),
-    rates scaled by the P-rank launch's rate-probe share, link bandwidth and latency from
-    the worker's gloo probe.  No time of any P-rank CP cell enters the fit."""
+def _fit(xs: list[list[float]], ys: list[float]) -> list[float]:
+    """Non-negative least squares for y = c0 * x0 + c1 * x1 (the second term is dropped when
+    it would come out negative)."""
+    import numpy as np
+
+    a, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    coef = np.linalg.lstsq(a, y, rcond=None)[0]
+    if coef[1] < 0:
+        coef = np.array([float(a[:, 0] @ y / (a[:, 0] @ a[:, 0])), 0.0])
+    return [float(c) for c in coef]
+
+
+def fit_cpu_profile(records: list[dict], world: int = 2, name: str = "cpu", concurrency_masks=()) -> Hardware:
+    """One CPU `Hardware` for a whole benchmark run.
+
+    From the 1-rank kernel cells: seconds = FLOPs / rate + diagonal rows * heads * row cost
+    (the rows of `kernels.cpu.plan`'s causal tiles), fitted over every shape, forward and
+    backward apart.  From the worker's probes: link bandwidth and latency, the collectives'
+    bandwidth, and the cost per row of merging a kernel call cut into tiles.  Rates are
+    scaled by the P-rank launch's rate-probe share.  With `concurrency_masks`, the P-rank
+    cells of those masks (only those) instead fit the share of its 1-rank rate a rank
+    sustains inside a CP call (copies and the other rank's traffic on the same cores),
+    which the short probe misses; cells of other masks stay held out."""
     base = [r for r in records if r["strategy"] == "kernel" and r.get("correct") and r.get("fwd_s")]
     link = [r for r in records if r["world"] == world and "link_bw" in r]
     if not base or not link:
         raise ValueError("calibrate needs the 1-rank kernel cells and a P-rank launch (link probe) in the JSONL; "
                          "run scripts.bench_cp with worlds=[1,2]")
     flops = [attention_flops(r["total_pairs"], r["hq"], r["head_dim"]) for r in base]
-    inv_f, over_f = _fit_line(flops, [r["fwd_s"] for r in base])
-    inv_b, over_b = _fit_line([2.5 * f for f in flops], [r["bwd_s"] for r in base])
-    share_f, share_b = _share(records, world)
-    lat = sorted(r["link_lat"] for r in link)[len(link) // 2]
-    bw = sorted(r["link_bw"] for r in link)[len(link) // 2]
-    return Hardware(name, share_f / inv_f, share_b / inv_b, 10e9, bw, lat, bw, lat, devices_per_node=64,
-                    overlap=0.0, call_overhead=(over_f + over_b) / 2)
+    rows = [_kernel_rows(r)["diagonal"][0] * r["hq"] for r in base]
+    inv_f, row_f = _fit([[f, t] for f, t in zip(flops, rows)], [r["fwd_s"] for r in base])
+    inv_b, row_b = _fit([[2.5 * f, t] for f, t in zip(flops, rows)], [r["bwd_s"] for r in base])
+    fit = [r for r in records if r["mask"] in concurrency_masks]
+    # the fitted in-CP share below supersedes the short rate probe (and its noise)
+    share_f, share_b = (1.0, 1.0) if fit else _share(records, world)
+    med = lambda key: sorted(r[key] for r in link)[len(link) // 2] if all(key in r for r in link) else 0.0  # noqa: E731
+    bw, lat = med("link_bw"), med("link_lat")
+    hw = Hardware(name, share_f / inv_f, share_b / inv_b, 10e9, bw, lat, bw, lat, devices_per_node=64,
+                  overlap=0.0, diag_fwd=row_f / share_f, diag_bwd=row_b / share_b,
+                  split_fwd=med("split_fwd_s") / share_f, split_bwd=med("split_bwd_s") / share_b,
+                  coll_bw=med("all_gather_bw") and (med("all_gather_bw") + med("reduce_scatter_bw")) / 2,
+                  a2a_bw=med("all_to_all_bw"))
+    if fit:
+        free = replace(hw, intra_bw=1e30, inter_bw=1e30, intra_lat=0.0, inter_lat=0.0, coll_bw=0.0, a2a_bw=0.0,
+                       mem_bw=1e30)
+        ratios = []
+        for row, cell in zip(compare(fit, hw), [r for r in fit if _predictable(r)]):
+            compute = _predict_cell(cell, free)
+            ratios.append(compute / max(row["measured"] - (row["predicted"] - compute), 1e-9))
+        s = sorted(ratios)[len(ratios) // 2]
+        hw = replace(hw, fwd_flops=hw.fwd_flops * s, bwd_flops=hw.bwd_flops * s, diag_fwd=hw.diag_fwd / s,
+                     diag_bwd=hw.diag_bwd / s, split_fwd=hw.split_fwd / s, split_bwd=hw.split_bwd / s)
+    return hw
 
 
-def cpu_hardware(records: list[dict], cell: dict) -> Hardware | None:
-    """Per-shape CPU rates: the 1-rank kernel cell of this shape, scaled by the rate probe
-    of the P-rank launch over that of the 1-rank launch (how much CPU each rank really
-    gets); the link from the gloo probe.  No time of any P-rank CP cell enters."""
-    key = lambda r: (r["mask"], r["seqlen"], r["hq"], r["hkv"], r["head_dim"], r["dtype"])  # noqa: E731
-    base = [r for r in records if r["strategy"] == "kernel" and r.get("correct") and key(r) == key(cell)]
-    if not base or "link_bw" not in cell:
-        return None
-    b = base[0]
-    f = attention_flops(b["total_pairs"], b["hq"], b["head_dim"])
-    share_f = cell.get("probe_fwd_flops", 1.0) / b.get("probe_fwd_flops", 1.0)
-    share_b = cell.get("probe_bwd_flops", 1.0) / b.get("probe_bwd_flops", 1.0)
-    return Hardware("cpu", share_f * f / b["fwd_s"], share_b * 2.5 * f / b["bwd_s"], 10e9, cell["link_bw"], cell["link_lat"],
-                    cell["link_bw"], cell["link_lat"], devices_per_node=64, overlap=0.0)
-
-
-def _cell_strategy(r: dict) -> tuple[str, int | None] | None:
-    """(strategy, ulysses_degree) whose time model applies to a measured cell; auto cells
+def _cell_strategy(r: dict) -> tuple[str, int | None, str | None] | None:
+    """(strategy, ulysses_degree, balancer) whose time model applies to a measured cell; auto cells
     are modelled as the strategy they chose."""
-    name = r["strategy"]
+    name, balancer = r["strategy"], r.get("balancer")
     if name == "auto":
-        name = str(r.get("extra", {}).get("auto_choice", "")).split("/")[0]
+        name, balancer = (str(r.get("extra", {}).get("auto_choice", "")).split("/") + [None])[:2]
     if name.startswith("peer:deepspeed-ulysses"):
-        name = "ulysses"
+        name, balancer = "ulysses", "contiguous"
     if name not in ("ring", "allgather", "ulysses", "usp"):
         return None
-    return name, r.get("options", {}).get("ulysses_degree")
+    return name, r.get("options", {}).get("ulysses_degree"), balancer
 
 
-def compare(records: list[dict], profile: Hardware | None = None) -> list[dict]:
-    """Predicted vs measured seconds (fwd+bwd, median) of every correct P-rank cell; with a
-    `profile`, from it alone, else from the same shape's 1-rank kernel cell."""
+def _predictable(r: dict) -> bool:
+    return r["world"] > 1 and bool(r.get("correct")) and bool(r.get("pairs")) and _cell_strategy(r) is not None
+
+
+def _predict_cell(r: dict, hw: Hardware) -> float:
+    kind = _cell_strategy(r)
+    lay = Layout(r["seqlen"], r["hq"], r["hkv"], r["head_dim"], 4)
+    cut = _kernel_rows(r, kind[0], kind[2]) if hw.diag_fwd or hw.diag_bwd or hw.split_fwd or hw.split_bwd else None
+    return predict(kind[0], r["pairs"], lay, hw, ulysses_degree=kind[1], kernel_rows=cut)["total_s"]
+
+
+def compare(cells: list[dict], profile: Hardware) -> list[dict]:
+    """Predicted (from `profile`) vs measured seconds (fwd+bwd, median) of every correct
+    P-rank cell."""
     rows = []
-    for r in records:
-        kind = _cell_strategy(r) if r["world"] > 1 and r.get("correct") and r.get("pairs") else None
-        if kind is None:
+    for r in cells:
+        if not _predictable(r):
             continue
-        hw = profile or cpu_hardware(records, r)
-        if hw is None:
-            continue
-        lay = Layout(r["seqlen"], r["hq"], r["hkv"], r["head_dim"], 4)
-        t = predict(kind[0], r["pairs"], lay, hw, ulysses_degree=kind[1])["total_s"]
+        t = _predict_cell(r, profile)
         meas = r["fwd_s"] + r["bwd_s"]
         fast = min(f + b for f, b in zip(r["fwd_s_all"], r["bwd_s_all"]))
-        rows.append(dict(id=r["id"], measured=meas, fastest=fast, predicted=t, error=(t - meas) / meas))
+        rows.append(dict(id=r["id"], mask=r["mask"], measured=meas, fastest=fast, predicted=t, error=(t - meas) / meas,
+                         error_fastest=(t - fast) / fast))
     return rows
+
+
+def _summary(rows: list[dict]) -> str:
+    if not rows:
+        return "no cells"
+    parts = []
+    for key, what in (("error", "median repeat"), ("error_fastest", "fastest repeat")):
+        errs = [abs(row[key]) for row in rows]
+        parts.append(f"vs the {what} {sum(e <= 0.25 for e in errs)} of {len(rows)} cells within 25% "
+                     f"(largest |error| {max(errs):.1%}, median {sorted(errs)[len(errs) // 2]:.1%})")
+    return "; ".join(parts)
 
 
 def calibrate(args) -> None:
     records = load_records(args.jsonl)
-    profile = fit_cpu_profile(records)
-    print(f"Profile fitted from the 1-rank kernel cells and the link probe: {profile}\n")
+    held = load_records(args.validate) if args.validate else []
+    masks = tuple(args.fit_masks or ())
+    profile = fit_cpu_profile(records, concurrency_masks=masks)
+    print(f"Profile fitted from {args.jsonl} (1-rank kernel cells, gloo probes"
+          f"{', the P-rank cells of masks ' + '/'.join(masks) if masks else ''}):\n\n    {profile}\n")
     if args.save:
         save_hardware(profile, args.save)
-        print(f"saved to {args.save} (use it with parallel=auto +parallel.options.hardware={args.save})\n")
-    for title, rows in (("profile (one fit for the whole run)", compare(records, profile)),
-                        ("same-shape 1-rank kernel rate", compare(records))):
-        print(f"### Predicted from the {title}\n")
-        print("| cell | measured ms (median) | measured ms (fastest) | predicted ms | error vs median |\n"
-              "|---|---|---|---|---|")
+        print(f"saved to {args.save} (parallel=auto takes it as its hardware option)\n")
+    tables = [("the profile", compare(records, profile))]
+    if held:
+        tables.append((f"the profile, on the cells of {args.validate} (a separate run)", compare(held, profile)))
+    for title, rows in tables:
+        print(f"### Predicted from {title}\n")
+        print("| cell | measured ms (median) | measured ms (fastest) | predicted ms | error vs median | "
+              "error vs fastest |\n|---|---|---|---|---|---|")
         for row in rows:
             print(f"| {row['id']} | {row['measured'] * 1e3:.0f} | {row['fastest'] * 1e3:.0f} | "
-                  f"{row['predicted'] * 1e3:.0f} | {row['error']:+.1%} |")
-        if rows:
-            errs = [abs(row["error"]) for row in rows]
-            inside = sum(e <= 0.25 for e in errs)
-            print(f"\n{inside} of {len(rows)} cells within 25%; largest |error| {max(errs):.1%}, "
-                  f"median {sorted(errs)[len(errs) // 2]:.1%}\n")
+                  f"{row['predicted'] * 1e3:.0f} | {row['error']:+.1%} | {row['error_fastest']:+.1%} |")
+        print(f"\nAll: {_summary(rows)}.")
+        if masks:
+            print(f"Fitted masks ({'/'.join(masks)}): {_summary([r for r in rows if r['mask'] in masks])}.  "
+                  f"Held-out masks: {_summary([r for r in rows if r['mask'] not in masks])}.")
+        print()
 
 
 def main(argv=None) -> None:
@@ -229,6 +266,8 @@ def main(argv=None) -> None:
     c = sub.add_parser("calibrate")
     c.add_argument("jsonl")
     c.add_argument("--save", help="write the fitted profile as JSON (for parallel=auto's hardware option)")
+    c.add_argument("--fit-masks", nargs="*", help="masks whose P-rank cells fit the in-CP rate share (others held out)")
+    c.add_argument("--validate", help="a second run's JSONL to predict with the profile fitted on the first")
     c.set_defaults(fn=calibrate)
     args = ap.parse_args(argv)
     args.fn(args)

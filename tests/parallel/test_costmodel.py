@@ -78,3 +78,26 @@ def test_simulator_prefers_balanced_ring_and_scales_with_work():
     assert flat["total_s"] > 1.7 * zig["total_s"]
     one = predict("none", [int(keys.sum())], lay, H100)
     assert 0.8 < one["total_s"] / (8 * zig["total_s"]) < 1.0
+
+
+def test_kernel_rows_count_how_the_cpu_backend_cuts_each_rank():
+    from parallel.costmodel import kernel_rows
+
+    seqlen, world = 512, 2
+    causal = MaskSpec(causal=True)
+    # one rank, one causal run: 512 diagonal rows, nothing merged
+    assert kernel_rows("none", causal, seqlen, balancer_rows("contiguous", seqlen, 1)) == {"diagonal": [512],
+                                                                                           "split": [0]}
+    rows = balancer_rows("headtail", seqlen, world, causal)    # rank 0: 0-127 + 384-511, rank 1: 128-383
+    cut = kernel_rows("ring", causal, seqlen, rows)
+    # rank 0's own block: two causal tiles and 384-511 x 0-127 (3 tiles of 128 rows, merged); its
+    # other block: 384-511 x 128-383 (one tile); the ring merges its second step (256 rows).
+    # rank 1's own block is one causal run; its other block one tile (128-383 x 0-127).
+    assert cut == {"diagonal": [256, 256], "split": [3 * 128 + 256, 256]}
+    # ulysses attends the whole sequence sorted: one causal run on every rank
+    assert kernel_rows("ulysses", causal, seqlen, rows) == {"diagonal": [512, 512], "split": [0, 0]}
+    docs = MaskSpec.from_doc_lens([128, 384], causal=True)
+    gathered = kernel_rows("allgather", docs, seqlen, balancer_rows("contiguous", seqlen, world, docs))
+    # rank 0: document 1 (128 rows) and the start of document 2 (128 rows), two causal tiles;
+    # rank 1: the rest of document 2 sees its first 128 keys in full, then its own causal run
+    assert gathered == {"diagonal": [256, 256], "split": [256, 512]}
