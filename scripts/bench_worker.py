@@ -13,7 +13,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 
 import torch
@@ -30,37 +29,44 @@ TOL = {torch.float32: 2e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.flo
 
 class PeakRSS:
     """Peak resident memory of this process while inside the block, minus its level at entry
-    (CPU); torch.cuda.max_memory_allocated on GPU."""
+    (CPU); torch.cuda.max_memory_allocated on GPU.
+
+    On CPU the kernel's own high-water mark is used: writing "5" to /proc/self/clear_refs
+    resets VmHWM, which is read back at exit.  No sampling thread runs, so the measurement
+    takes no CPU from a rank that has one core to itself (a thread waking every few ms did,
+    and only in the multi-rank cells: the 1-rank baseline's sampler had the idle core).
+    Where the reset is refused, the peak since process start is reported instead."""
 
     def __init__(self, device):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
+        self.device, self.peak = device, 0
 
     @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
+    def _status_kb(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return 0
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            self.base = self.peak = self._rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            self.base = self._status_kb("VmRSS") * 1024
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            self._stop.set()
-            self._thread.join()
-        self.mb = (self.peak - self.base) / 2**20
+            self.peak = self._status_kb("VmHWM") * 1024
+        self.mb = max(self.peak - self.base, 0) / 2**20
 
 
 def _sync(device):
