@@ -21,16 +21,20 @@ STRATEGIES = {
 }
 
 
+def load_entry(registry: dict, name: str, setting: str):
+    """The class a registry of "module:class" strings names, imported only now (optional
+    dependencies stay optional); an unknown or unimportable name raises ValueError naming
+    `setting`."""
+    if name not in registry:
+        raise ValueError(f"{setting}={name!r} is unknown; choose one of {', '.join(registry)}")
+    module, cls = registry[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{setting}={name!r} is not available in this build: {e}") from e
+
+
 def build(strategy: str, mask, seqlen: int, *, group=None, mesh=None, balancer=None, **options) -> ContextParallel:
     """Construct a CP strategy.  Raises ValueError (before any collective) on bad settings."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
-    module, cls = STRATEGIES[strategy].split(":")
-    try:
-        impl = getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"strategy={strategy!r} is not available in this build: {e}") from e
+    impl = load_entry(STRATEGIES, strategy, "strategy")
     return impl(mask, seqlen, group=group, mesh=mesh, balancer=balancer, **options)
-
-
-__all__ = ["STRATEGIES", "CPStats", "ContextParallel", "build"]

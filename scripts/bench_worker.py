@@ -181,7 +181,7 @@ def collective_probe(device, nbytes: int = 1 << 24, reps: int = 3) -> dict:
     """Effective bandwidth of the collectives the strategies use (all-gather, reduce-scatter,
     all-to-all; `nbytes` to every peer): bytes each rank sends over the median time.  On
     gloo they run several times slower than one p2p message of the same size, which the
-    simulator's `coll_bw` carries."""
+    simulator's `coll_bw` and `a2a_bw` carry."""
     world = dist.get_world_size()
     chunk = torch.zeros(nbytes // 4, device=device)
     full = torch.zeros(world * chunk.numel(), device=device)
@@ -199,7 +199,6 @@ def collective_probe(device, nbytes: int = 1 << 24, reps: int = 3) -> dict:
             _sync(device)
             times.append(_max_over_ranks(time.perf_counter() - t0))
         res[f"{name}_bw"] = (world - 1) * nbytes / sorted(times)[reps // 2]
-    res["coll_bw"] = sorted(res.values())[1]  # the median of the three
     return res
 
 

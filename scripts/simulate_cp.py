@@ -163,9 +163,10 @@ def fit_cpu_profile(records: list[dict], world: int = 2, name: str = "cpu", conc
         free = replace(hw, intra_bw=1e30, inter_bw=1e30, intra_lat=0.0, inter_lat=0.0, coll_bw=0.0, a2a_bw=0.0,
                        mem_bw=1e30)
         ratios = []
-        for row, cell in zip(compare(fit, hw), [r for r in fit if _predictable(r)]):
-            compute = _predict_cell(cell, free)
-            ratios.append(compute / max(row["measured"] - (row["predicted"] - compute), 1e-9))
+        for cell in filter(_predictable, fit):
+            cut = _cut(cell, hw)
+            total, compute = _predict_cell(cell, hw, cut), _predict_cell(cell, free, cut)
+            ratios.append(compute / max(cell["fwd_s"] + cell["bwd_s"] - (total - compute), 1e-9))
         s = sorted(ratios)[len(ratios) // 2]
         hw = replace(hw, fwd_flops=hw.fwd_flops * s, bwd_flops=hw.bwd_flops * s, diag_fwd=hw.diag_fwd / s,
                      diag_bwd=hw.diag_bwd / s, split_fwd=hw.split_fwd / s, split_bwd=hw.split_bwd / s)
@@ -189,10 +190,18 @@ def _predictable(r: dict) -> bool:
     return r["world"] > 1 and bool(r.get("correct")) and bool(r.get("pairs")) and _cell_strategy(r) is not None
 
 
-def _predict_cell(r: dict, hw: Hardware) -> float:
+def _cut(r: dict, hw: Hardware) -> dict[str, list[int]] | None:
+    """How the cpu backend cuts the cell's work, when the profile prices it."""
+    if not (hw.diag_fwd or hw.diag_bwd or hw.split_fwd or hw.split_bwd):
+        return None
+    kind = _cell_strategy(r)
+    return _kernel_rows(r, kind[0], kind[2])
+
+
+def _predict_cell(r: dict, hw: Hardware, cut=None) -> float:
     kind = _cell_strategy(r)
     lay = Layout(r["seqlen"], r["hq"], r["hkv"], r["head_dim"], 4)
-    cut = _kernel_rows(r, kind[0], kind[2]) if hw.diag_fwd or hw.diag_bwd or hw.split_fwd or hw.split_bwd else None
+    cut = _cut(r, hw) if cut is None else cut
     return predict(kind[0], r["pairs"], lay, hw, ulysses_degree=kind[1], kernel_rows=cut)["total_s"]
 
 

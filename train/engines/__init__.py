@@ -5,7 +5,7 @@ deepspeed and megatron live in their own modules and are imported only when name
 """
 from __future__ import annotations
 
-import importlib
+from parallel import load_entry
 
 ENGINES = {
     "ddp": "train.engines.ddp:DDPEngine",
@@ -15,14 +15,4 @@ ENGINES = {
 
 
 def build(name: str, model, cfg, groups):
-    if name not in ENGINES:
-        raise ValueError(f"engine.name={name!r} is unknown; choose one of {', '.join(ENGINES)}")
-    module, cls = ENGINES[name].split(":")
-    try:
-        impl = getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"engine.name={name!r} is not available in this build: {e}") from e
-    return impl(model, cfg, groups)
-
-
-__all__ = ["ENGINES", "build"]
+    return load_entry(ENGINES, name, "engine.name")(model, cfg, groups)
