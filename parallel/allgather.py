@@ -20,14 +20,15 @@ from .comm import acc_dtype, all_gather_rows, nbytes, reduce_scatter_rows
 
 
 class _Gathered:
-    """The rows of the ranks this rank needs, gathered for one group of K/V heads."""
+    """The K/V rows this rank needs, gathered for one group of K/V heads, in ascending
+    position order: one copy out of the gathered buffer makes K and V each contiguous."""
 
     def __init__(self, cp, kv_part):
         full = all_gather_rows(kv_part, cp.group)  # [P*T, 2, h, D] in rank order
-        self.rows = full.view(cp.world, -1, *kv_part.shape[1:])[cp.needed].flatten(0, 1)
-        if cp.key_order is not None:  # ascending positions: documents become runs, tiles stay few
-            self.rows = self.rows.index_select(0, cp.key_order)
-        self.k, self.v = self.rows[:, 0], self.rows[:, 1]
+        kv = full.transpose(0, 1)  # [2, P*T, h, D]
+        if cp.gather_index is not None:
+            kv = kv.index_select(1, cp.gather_index)
+        self.k, self.v = kv[0], kv[1]
 
 
 class AllGatherAttention(torch.autograd.Function):
@@ -52,18 +53,25 @@ class AllGatherAttention(torch.autograd.Function):
         if dlse is not None and not bool(dlse.any()):
             dlse = None
         dq = torch.empty_like(q)
-        dkv = torch.empty(kv.shape, dtype=acc_dtype(kv.dtype), device=kv.device)
         dout = dout.contiguous()
+        parts = []
         for kh, qh in cp.head_slices(q.shape[1], kv.shape[2]):
             g = _Gathered(cp, kv[:, :, kh].contiguous())
             dq[:, qh], dk, dv = kernels.backward(
                 dout[:, qh].contiguous(), q[:, qh], g.k, g.v, out[:, qh], lse[qh], cp.mask, q_pos=cp.index,
                 k_pos=cp.key_pos, scale=cp.scale, dlse=None if dlse is None else dlse[qh], backend=cp.backend)
-            if cp.key_order is not None:  # back from ascending positions to the gathered order
-                dk, dv = dk.index_select(0, cp.key_unorder), dv.index_select(0, cp.key_unorder)
-            full = torch.zeros((cp.world, q.shape[0], 2, dk.shape[1], dk.shape[2]), dtype=dkv.dtype, device=dk.device)
-            full[cp.needed] = torch.stack([dk, dv], dim=1).to(dkv.dtype).view(len(cp.needed), q.shape[0], 2, *dk.shape[1:])
-            dkv[:, :, kh] = reduce_scatter_rows(full.flatten(0, 1), cp.group)
+            # dK/dV back to the gathered rows' places (rank order; zero for ranks not needed),
+            # accumulated in float32, and reduce-scattered to their owners
+            rows = cp.world * q.shape[0]
+            alloc = torch.empty if len(cp.needed) == cp.world else torch.zeros
+            full = alloc((rows, 2, *dk.shape[1:]), dtype=acc_dtype(kv.dtype), device=dk.device)
+            for i, d in enumerate((dk, dv)):
+                if cp.gather_index is None:
+                    full[:, i].copy_(d)
+                else:
+                    full[:, i].index_copy_(0, cp.gather_index, d.to(full.dtype))
+            parts.append(reduce_scatter_rows(full, cp.group))
+        dkv = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return dq, dkv[:, 0].to(kv.dtype), dkv[:, 1].to(kv.dtype), None
 
 
@@ -82,11 +90,13 @@ class AllGather(ContextParallel):
         gathered = torch.cat([self.indices[j] for j in self.needed])
         # Keys are attended in ascending position order (the kernel then sees each document
         # as one run instead of one piece per rank and balancer chunk); key order does not
-        # change attention, so only the gathered rows are permuted, and dK/dV permuted back.
+        # change attention.  `gather_index` picks those rows out of the all-gathered buffer
+        # (rank order), and puts their dK/dV back; None when that is every row, in order.
         order = torch.argsort(gathered)
-        sorted_already = bool((order == torch.arange(order.numel())).all())
-        self.key_order = None if sorted_already else order
-        self.key_unorder = None if sorted_already else torch.argsort(order)
+        shard = len(self.indices[self.rank])
+        slots = torch.cat([torch.arange(j * shard, (j + 1) * shard) for j in self.needed])[order]
+        identity = len(slots) == self.world * shard and bool((slots == torch.arange(len(slots))).all())
+        self.gather_index = None if identity else slots
         self.key_pos = gathered[order]
 
     def head_slices(self, hq: int, hkv: int):

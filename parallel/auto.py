@@ -28,14 +28,14 @@ log = logging.getLogger(__name__)
 
 # gloo on this project's 2-core CPU runner (one thread per rank, so no compute/communication
 # overlap), from `python -m scripts.simulate_cp calibrate results.jsonl --fit-masks causal` on
-# a quiet-machine run of the default bench matrix (scripts/BENCHMARKS.md): kernel rate and
-# per-row diagonal cost from the 1-rank cells, the in-CP rate share (0.85) from the causal
-# 2-rank cells, p2p / all-gather+reduce-scatter / all-to-all bandwidths and the merge cost of
-# a cut kernel call from the worker's probes.  Re-calibrate for another machine with
-# `--save cpu.json` and pass `hardware=cpu.json`.
-CPU = Hardware("cpu", fwd_flops=61.1e9, bwd_flops=63.3e9, mem_bw=10e9, intra_bw=3.59e9, intra_lat=6.5e-4,
-               inter_bw=3.59e9, inter_lat=6.5e-4, devices_per_node=64, overlap=0.0, diag_fwd=7.35e-7,
-               diag_bwd=2.29e-6, split_fwd=6.8e-7, split_bwd=5.4e-8, coll_bw=0.414e9, a2a_bw=1.29e9)
+# a quiet-machine run of the default bench matrix (scripts/BENCHMARKS.md, run Q1, checked on
+# run Q2): kernel rate and per-row diagonal cost from the 1-rank cells, the in-CP rate share
+# (0.92) from the causal 2-rank cells, p2p / all-gather+reduce-scatter / all-to-all bandwidths
+# and the merge cost of a cut kernel call from the worker's probes.  Re-calibrate for another
+# machine with `--save cpu.json` and pass `hardware=cpu.json`.
+CPU = Hardware("cpu", fwd_flops=66.7e9, bwd_flops=64.7e9, mem_bw=10e9, intra_bw=3.09e9, intra_lat=7.2e-4,
+               inter_bw=3.09e9, inter_lat=7.2e-4, devices_per_node=64, overlap=0.0, diag_fwd=9.70e-7,
+               diag_bwd=1.64e-6, split_fwd=2.48e-7, split_bwd=6.4e-8, coll_bw=0.359e9, a2a_bw=1.11e9)
 HARDWARE = {**PRESETS, "cpu": CPU}
 DEFAULT_CANDIDATES = ("ring", "allgather", "ulysses", "usp")
 
