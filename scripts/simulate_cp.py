@@ -18,7 +18,8 @@ from dataclasses import replace
 from parallel.costmodel import (
     Layout, attention_flops, balancer_rows, bytes_sent, imbalance, kernel_rows, mask_keys, pairs_per_rank, ring_reach,
 )
-from parallel.simulator import H200, H800, LLAMA3_8B, PRESETS, Hardware, predict, save_hardware, throughput
+from parallel.simulator import (H200, H800, LLAMA3_8B, PRESETS, Hardware, predict, save_hardware, straggle,
+                                throughput)
 from scripts.bench_cells import REPO_ROOT, make_mask
 from scripts.bench_report import load_records
 
@@ -89,6 +90,23 @@ def predict_cmd(args) -> None:
             sent = bytes_sent(strategy, lay, args.gpus, reach=reach) if strategy != "cad" else None
             nbytes = f"{max(sent['fwd']) + max(sent['bwd']):,}" if sent else "-"
             print(f"| {strategy} | {balancer} | {imbalance(pr):.3f} | {nbytes} | {t * 1e3:.2f} | {one / (args.gpus * t):.3f} |")
+
+
+def straggle_cmd(args) -> None:
+    """DP / PP straggling from document-length imbalance, per way of placing attention."""
+    from scripts.bench_cells import load_doc_lens
+
+    docs = load_doc_lens(args.doclens or DOCLENS)
+    hw = PRESETS[args.hardware]
+    print(f"Llama-3-8B shape, {args.gpus} x {hw.name}, tp={args.tp} cp={args.cp} pp={args.pp}, "
+          f"{args.microbatches} microbatches of {args.tokens} tokens per replica, mean of {args.steps} sampled batches\n")
+    print("| attention placement | DP replicas | step s | ideal s (equal microbatches) | lost to imbalance | "
+          "DP straggle | PP straggle | PP bubble | tokens/s |\n|---|---|---|---|---|---|---|---|---|")
+    for mode in ("per_doc_cp", "wlb", "cad"):
+        r = straggle(docs, LLAMA3_8B, hw, gpus=args.gpus, tokens=args.tokens, tp=args.tp, cp=args.cp, pp=args.pp,
+                     microbatches=args.microbatches, mode=mode, steps=args.steps, seed=args.seed)
+        print(f"| {mode} | {r['dp']} | {r['step_s']:.3f} | {r['ideal_s']:.3f} | {r['loss']:.1%} | "
+              f"{r['dp_straggle']:.3f} | {r['pp_straggle']:.3f} | {r['bubble']:.3f} | {r['tokens_per_s']:,.0f} |")
 
 
 def _docs(args):
@@ -272,6 +290,18 @@ def main(argv=None) -> None:
     p.add_argument("--hkv", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.set_defaults(fn=predict_cmd)
+    s = sub.add_parser("straggle", help="DP/PP straggling from document-length imbalance (per_doc_cp, wlb, cad)")
+    s.add_argument("--gpus", type=int, default=256)
+    s.add_argument("--tokens", type=int, default=131072, help="tokens per microbatch (one packed sequence)")
+    s.add_argument("--tp", type=int, default=8)
+    s.add_argument("--cp", type=int, default=4)
+    s.add_argument("--pp", type=int, default=4)
+    s.add_argument("--microbatches", type=int, default=8)
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--hardware", choices=sorted(PRESETS), default="h100")
+    s.add_argument("--doclens", help="document-length JSON (default: ../shared/data/doclens_prolong.json)")
+    s.set_defaults(fn=straggle_cmd)
     c = sub.add_parser("calibrate")
     c.add_argument("jsonl")
     c.add_argument("--save", help="write the fitted profile as JSON (for parallel=auto's hardware option)")
