@@ -215,3 +215,58 @@ def kernel_rows(strategy: str, mask, seqlen: int, rows: list[np.ndarray], *,
     else:
         raise ValueError(f"strategy={strategy!r} has no kernel cut; choose ring, allgather, ulysses, usp or none")
     return {"diagonal": [d for d, _ in per], "split": [s for _, s in per]}
+
+
+def memory_per_rank(strategy: str, lay: Layout, world: int, *, ulysses_degree: int | None = None,
+                    kv_head_groups: int = 1) -> dict[str, int]:
+    """Peak bytes one rank allocates in one attention call (fwd + bwd) beyond its inputs
+    (local q, k, v and dout): what the strategy adds to the model's own activation memory.
+
+    L = seqlen / P local rows; q = L Hq D elem; kv = 2 L Hkv D elem (K and V); the `a` forms
+    are float32 (the strategies' accumulators); lse = Hq L float32.  Every strategy returns
+    out + lse (kept for backward) and dq + dk + dv; the kernel's backward keeps a float32 dq
+    accumulator of the rows it is called on (flash-attn 2 and torch's CPU flash op both do).
+      none:      fwd out + lse;  bwd + grads + kernel dq_a.
+      ring:      fwd float32 out/lse accumulators, the K/V block held and the one arriving,
+                 one block's partial out;  bwd + K/V held and arriving, the dK/dV accumulator
+                 arriving and the one being sent, the home accumulator, dq_a, kernel dq_a.
+      allgather: fwd the gathered K/V of all P ranks and its position-sorted copy (per head
+                 group of `kv_head_groups`);  bwd + both again, dK/dV of the gathered rows and
+                 their float32 rank-order buffer, kernel dq_a.
+      ulysses:   the full sequence for Hq/P heads (Hkv' = Hkv repeated to a multiple of P):
+                 fwd Q/K/V and out kept for backward;  bwd + dO, dQ/dK/dV, kernel dq_a.
+      usp:       ulysses over u ranks on L u rows, then ring over P / u with Hq / u heads.
+    Not counted: other kernel scratch and allocator slack.  {"fwd", "bwd", "peak"} in bytes."""
+    p, d, e, a = world, lay.head_dim, lay.elem_bytes, lay.acc_bytes
+    loc = lay.seqlen // p
+    q, kv = loc * lay.hq * d * e, 2 * loc * lay.hkv * d * e
+    qa, kva, lse = q // e * a, kv // e * a, lay.hq * loc * a
+    grads = q + kv
+    if strategy == "none" or p == 1:
+        fwd = q + lse
+        bwd = fwd + grads + qa
+    elif strategy == "ring":
+        fwd = qa + lse + 2 * kv + q
+        bwd = q + lse + 2 * kv + 3 * kva + 2 * qa + grads
+    elif strategy == "allgather":
+        full = p * kv // kv_head_groups
+        fwd = q + lse + 2 * full
+        bwd = q + lse + 2 * full + 2 * (full // e * a) + qa + grads
+    elif strategy == "ulysses":
+        hkv = lay.hkv * (p // math.gcd(lay.hkv, p))
+        qf, kvf = lay.seqlen * (lay.hq // p) * d * e, 2 * lay.seqlen * (hkv // p) * d * e
+        lsef = (lay.hq // p) * lay.seqlen * a
+        saved = 2 * qf + kvf + lsef  # Q, out, K/V, lse in the head-sharded layout
+        fwd = saved + q
+        bwd = saved + q + 2 * qf + kvf + qf // e * a + grads
+    elif strategy == "usp":
+        u = ulysses_degree or 1
+        if p % u:
+            raise ValueError(f"ulysses_degree={u} must divide the CP size {p}")
+        uly = memory_per_rank("ulysses", Layout(loc * u, lay.hq, lay.hkv, lay.head_dim, e), u)
+        hkv = lay.hkv * (u // math.gcd(lay.hkv, u)) // u
+        ring = memory_per_rank("ring", Layout(lay.seqlen, lay.hq // u, hkv, lay.head_dim, e), p // u)
+        fwd, bwd = uly["fwd"] + ring["fwd"], uly["bwd"] + ring["bwd"]
+    else:
+        raise ValueError(f"strategy={strategy!r} has no memory model; choose none, ring, allgather, ulysses or usp")
+    return {"fwd": fwd, "bwd": bwd, "peak": max(fwd, bwd)}

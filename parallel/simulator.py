@@ -14,6 +14,11 @@ bandwidth), combined per strategy the way it schedules them:
 
 The slowest rank sets the time (synchronous collectives), so the max of pairs_per_rank is
 what counts.  `Hardware` holds the sustained rates; presets say where each figure is from.
+
+Whole training steps: `seq_times` / `dp_step` (a DP replica per packed sequence; DistCA's
+comparison), `pp_dp_step` / `straggle` (DP x PP: the pipeline's makespan over unequal
+microbatches, the slowest replica per step).  Memory per rank is
+`costmodel.memory_per_rank`.
 """
 from __future__ import annotations
 

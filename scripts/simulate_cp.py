@@ -16,7 +16,8 @@ import os
 from dataclasses import replace
 
 from parallel.costmodel import (
-    Layout, attention_flops, balancer_rows, bytes_sent, imbalance, kernel_rows, mask_keys, pairs_per_rank, ring_reach,
+    Layout, attention_flops, balancer_rows, bytes_sent, imbalance, kernel_rows, mask_keys, memory_per_rank, pairs_per_rank,
+    ring_reach,
 )
 from parallel.simulator import (H200, H800, LLAMA3_8B, PRESETS, Hardware, predict, save_hardware, straggle,
                                 throughput)
@@ -79,7 +80,8 @@ def predict_cmd(args) -> None:
     lay = Layout(args.seqlen, args.hq, args.hkv, args.head_dim, 2)
     mask = make_mask({"mask": args.mask, "seqlen": args.seqlen, "window": args.window, "doc_lens": _docs(args)})
     keys = mask_keys(mask, args.seqlen)
-    print(f"| strategy | balancer | pairs max/mean | bytes/rank | predicted ms | vs 1 GPU eff |\n|---|---|---|---|---|---|")
+    print(f"| strategy | balancer | pairs max/mean | bytes/rank | memory/rank MiB | predicted ms | vs 1 GPU eff |\n"
+          "|---|---|---|---|---|---|---|")
     one = predict("none", [int(keys.sum())], lay, hw)["total_s"]
     for strategy in ("ring", "allgather", "ulysses", "cad"):
         for balancer in ("headtail", "contiguous") if strategy == "ring" else ("headtail",):
@@ -89,7 +91,9 @@ def predict_cmd(args) -> None:
             reach = ring_reach(mask, args.seqlen, rows) if strategy == "ring" else None
             sent = bytes_sent(strategy, lay, args.gpus, reach=reach) if strategy != "cad" else None
             nbytes = f"{max(sent['fwd']) + max(sent['bwd']):,}" if sent else "-"
-            print(f"| {strategy} | {balancer} | {imbalance(pr):.3f} | {nbytes} | {t * 1e3:.2f} | {one / (args.gpus * t):.3f} |")
+            mem = f"{memory_per_rank(strategy, lay, args.gpus)['peak'] / 2**20:,.0f}" if strategy != "cad" else "-"
+            print(f"| {strategy} | {balancer} | {imbalance(pr):.3f} | {nbytes} | {mem} | {t * 1e3:.2f} | "
+                  f"{one / (args.gpus * t):.3f} |")
 
 
 def straggle_cmd(args) -> None:

@@ -5,7 +5,7 @@ import torch
 
 from kernels import MaskSpec
 from parallel.costmodel import (
-    Layout, balancer_rows, bytes_sent, imbalance, keys_per_query, mask_keys, pairs_per_rank, ring_reach,
+    Layout, balancer_rows, bytes_sent, imbalance, keys_per_query, mask_keys, memory_per_rank, pairs_per_rank, ring_reach,
 )
 from parallel.ring import RingPlan
 from parallel.simulator import H100, predict
@@ -101,3 +101,29 @@ def test_kernel_rows_count_how_the_cpu_backend_cuts_each_rank():
     # rank 0: document 1 (128 rows) and the start of document 2 (128 rows), two causal tiles;
     # rank 1: the rest of document 2 sees its first 128 keys in full, then its own causal run
     assert gathered == {"diagonal": [256, 256], "split": [256, 512]}
+
+
+def test_memory_formulas_by_hand():
+    # T=8, Hq=4, Hkv=2, D=2, float32.  P=2: L=4, q = 4*4*2*4 = 128 B, K+V = 2*4*2*2*4 = 128 B,
+    # lse = 4*4*4 = 64 B, float32 copies of q / K+V the same size as q / K+V
+    lay = Layout(8, 4, 2, 2, 4)
+    assert memory_per_rank("none", lay, 1) == {"fwd": 256 + 128, "bwd": 384 + 512 + 256, "peak": 1152}
+    ring = memory_per_rank("ring", lay, 2)
+    assert ring["fwd"] == 128 + 64 + 2 * 128 + 128                       # out/lse acc, 2 blocks, partial
+    assert ring["bwd"] == 128 + 64 + 2 * 128 + 3 * 128 + 2 * 128 + 256   # saved, blocks, dkv accs, dq accs, grads
+    ag = memory_per_rank("allgather", lay, 2)
+    assert ag == {"fwd": 192 + 2 * 256, "bwd": 192 + 2 * 256 + 2 * 256 + 128 + 256, "peak": 1600}
+    assert memory_per_rank("allgather", lay, 2, kv_head_groups=2)["fwd"] == 192 + 2 * 128
+    # ulysses: full sequence (8 rows) for 2 q heads and 1 kv head: Q = out = 128 B, K+V = 128 B, lse 64 B
+    uly = memory_per_rank("ulysses", lay, 2)
+    assert uly["fwd"] == 448 + 128 and uly["bwd"] == 448 + 128 + 256 + 128 + 128 + 256
+    # usp with u = P is ulysses plus a one-rank "ring" (the plain kernel on the full sequence, 2/1 heads)
+    usp = memory_per_rank("usp", lay, 2, ulysses_degree=2)
+    one = memory_per_rank("none", Layout(8, 2, 1, 2, 4), 1)
+    assert usp["fwd"] == uly["fwd"] + one["fwd"] and usp["bwd"] == uly["bwd"] + one["bwd"]
+    # the gathered K/V grows with P, the ring's two blocks shrink with it
+    big = Layout(1 << 16, 32, 8, 128, 2)
+    assert memory_per_rank("allgather", big, 8)["peak"] > memory_per_rank("allgather", big, 2)["peak"] / 2
+    assert memory_per_rank("ring", big, 8)["peak"] == pytest.approx(memory_per_rank("ring", big, 2)["peak"] / 4)
+    with pytest.raises(ValueError, match="no memory model"):
+        memory_per_rank("cad", lay, 2)
