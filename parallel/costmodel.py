@@ -183,21 +183,26 @@ def kernel_rows(strategy: str, mask, seqlen: int, rows: list[np.ndarray], *,
     per rank: "diagonal", rows of causal tiles (each computes whole key blocks across its
     diagonal, about half a block of keys beyond its pairs per row: why short documents cost
     more per pair); "split", rows of kernel calls cut into several tiles, whose partials are
-    merged (plus the ring's own merge of every step after the first).  Calls: ring, the
+    merged (plus the ring's own merge of every step after the first); "masked", pairs the
+    kernel computes but the mask hides, in tiles run with an explicit mask (window edges,
+    scattered rows: the op computes the whole tile).  Calls: ring, the
     rank's rows against every rank's rows; allgather, its rows against the gathered keys in
     ascending order; ulysses, the whole sequence in ascending order (its share of the
     heads); usp, its group's rows against every group's rows."""
-    from kernels.cpu import CAUSAL, plan
+    from kernels.cpu import CAUSAL, MASKED, plan
 
-    def cut(q, k) -> tuple[int, int]:
+    def cut(q, k) -> tuple[int, int, int]:
         tiles = plan(mask, q, k)
         diag = sum(t.q1 - t.q0 for t in tiles if t.kind == CAUSAL)
-        return diag, (sum(t.q1 - t.q0 for t in tiles) if len(tiles) > 1 else 0)
+        hidden = sum((t.q1 - t.q0) * (t.k1 - t.k0) - int(mask.allowed(q[t.q0:t.q1], k[t.k0:t.k1]).sum())
+                     for t in tiles if t.kind == MASKED)
+        return diag, (sum(t.q1 - t.q0 for t in tiles) if len(tiles) > 1 else 0), hidden
 
-    def calls(q, keys) -> tuple[int, int]:
+    def calls(q, keys) -> tuple[int, int, int]:
         parts = [cut(q, k) for k in keys]
         steps = sum(1 for k in keys if plan(mask, q, k))
-        return sum(d for d, _ in parts), sum(s for _, s in parts) + max(steps - 1, 0) * len(q)
+        return (sum(d for d, _, _ in parts), sum(s for _, s, _ in parts) + max(steps - 1, 0) * len(q),
+                sum(h for _, _, h in parts))
 
     world = len(rows)
     idx = [torch.as_tensor(np.sort(r)) for r in rows]
@@ -214,7 +219,7 @@ def kernel_rows(strategy: str, mask, seqlen: int, rows: list[np.ndarray], *,
         per = [calls(groups[r // u], groups) for r in range(world)]
     else:
         raise ValueError(f"strategy={strategy!r} has no kernel cut; choose ring, allgather, ulysses, usp or none")
-    return {"diagonal": [d for d, _ in per], "split": [s for _, s in per]}
+    return {"diagonal": [d for d, _, _ in per], "split": [s for _, s, _ in per], "masked": [h for _, _, h in per]}
 
 
 def memory_per_rank(strategy: str, lay: Layout, world: int, *, ulysses_degree: int | None = None,

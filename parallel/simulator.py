@@ -135,9 +135,10 @@ def predict(strategy: str, pairs: list[int], lay: Layout, hw: Hardware, *,
             kernel_rows: dict[str, list[int]] | None = None) -> dict[str, float]:
     """Predicted seconds of one attention call on len(pairs) ranks: fwd_s, bwd_s, total_s.
 
-    `kernel_rows` (per rank, from `costmodel.kernel_rows`: "diagonal" and "split" rows) adds
-    the profile's costs of how a tile-based kernel cuts the work (`diag_*`, `split_*`; zero
-    for the GPU presets, whose figures are sustained rates of whole causal runs)."""
+    `kernel_rows` (per rank, from `costmodel.kernel_rows`: "diagonal" and "split" rows,
+    "masked" hidden pairs computed anyway) adds the profile's costs of how a tile-based kernel
+    cuts the work (`diag_*`, `split_*`, and the hidden pairs at the kernel's rate; not used
+    with the GPU presets, whose figures are sustained rates of whole causal runs)."""
     p = len(pairs)
     worst, total = max(pairs), sum(pairs)
     flops = lambda n, b: attention_flops(n, lay.hq, lay.head_dim, backward=b)  # noqa: E731
@@ -146,6 +147,9 @@ def predict(strategy: str, pairs: list[int], lay: Layout, hw: Hardware, *,
     if kernel_rows:
         worst_rank = max(range(p), key=lambda r: pairs[r])
         tile_f, tile_b = _tile_costs(hw, kernel_rows["diagonal"][worst_rank], kernel_rows["split"][worst_rank], heads)
+        hidden = kernel_rows.get("masked", [0] * p)[worst_rank]  # computed in full, at the kernel's rate
+        tile_f += attention_flops(hidden, heads, lay.head_dim) / hw.fwd_flops
+        tile_b += attention_flops(hidden, heads, lay.head_dim, backward=True) / hw.bwd_flops
     else:
         tile_f = tile_b = 0.0
     if strategy == "none" or p == 1:

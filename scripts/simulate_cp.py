@@ -167,8 +167,10 @@ def fit_cpu_profile(records: list[dict], world: int = 2, name: str = "cpu", conc
     if not base or not link:
         raise ValueError("calibrate needs the 1-rank kernel cells and a P-rank launch (link probe) in the JSONL; "
                          "run scripts.bench_cp with worlds=[1,2]")
-    flops = [attention_flops(r["total_pairs"], r["hq"], r["head_dim"]) for r in base]
-    rows = [_kernel_rows(r)["diagonal"][0] * r["hq"] for r in base]
+    cuts = [_kernel_rows(r) for r in base]
+    # the kernel computes hidden pairs of explicitly masked tiles too (window edges)
+    flops = [attention_flops(r["total_pairs"] + c["masked"][0], r["hq"], r["head_dim"]) for r, c in zip(base, cuts)]
+    rows = [c["diagonal"][0] * r["hq"] for r, c in zip(base, cuts)]
     inv_f, row_f = _fit([[f, t] for f, t in zip(flops, rows)], [r["fwd_s"] for r in base])
     inv_b, row_b = _fit([[2.5 * f, t] for f, t in zip(flops, rows)], [r["bwd_s"] for r in base])
     fit = [r for r in records if r["mask"] in concurrency_masks]

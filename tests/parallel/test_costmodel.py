@@ -87,20 +87,30 @@ def test_kernel_rows_count_how_the_cpu_backend_cuts_each_rank():
     causal = MaskSpec(causal=True)
     # one rank, one causal run: 512 diagonal rows, nothing merged
     assert kernel_rows("none", causal, seqlen, balancer_rows("contiguous", seqlen, 1)) == {"diagonal": [512],
-                                                                                           "split": [0]}
+                                                                                           "split": [0], "masked": [0]}
     rows = balancer_rows("headtail", seqlen, world, causal)    # rank 0: 0-127 + 384-511, rank 1: 128-383
     cut = kernel_rows("ring", causal, seqlen, rows)
     # rank 0's own block: two causal tiles and 384-511 x 0-127 (3 tiles of 128 rows, merged); its
     # other block: 384-511 x 128-383 (one tile); the ring merges its second step (256 rows).
     # rank 1's own block is one causal run; its other block one tile (128-383 x 0-127).
-    assert cut == {"diagonal": [256, 256], "split": [3 * 128 + 256, 256]}
+    assert cut == {"diagonal": [256, 256], "split": [3 * 128 + 256, 256], "masked": [0, 0]}
     # ulysses attends the whole sequence sorted: one causal run on every rank
-    assert kernel_rows("ulysses", causal, seqlen, rows) == {"diagonal": [512, 512], "split": [0, 0]}
+    assert kernel_rows("ulysses", causal, seqlen, rows) == {"diagonal": [512, 512], "split": [0, 0], "masked": [0, 0]}
     docs = MaskSpec.from_doc_lens([128, 384], causal=True)
     gathered = kernel_rows("allgather", docs, seqlen, balancer_rows("contiguous", seqlen, world, docs))
     # rank 0: document 1 (128 rows) and the start of document 2 (128 rows), two causal tiles;
     # rank 1: the rest of document 2 sees its first 128 keys in full, then its own causal run
-    assert gathered == {"diagonal": [256, 256], "split": [256, 512]}
+    assert gathered == {"diagonal": [256, 256], "split": [256, 512], "masked": [0, 0]}
+    # a 512-key window over 1024 rows: two causal 512-tiles on the diagonal and one 512 x 512
+    # tile below it run with an explicit mask, computed in full although the window hides
+    # the part of it further back than 512 keys
+    window = MaskSpec(causal=True, window=512)
+    cut = kernel_rows("none", window, 1024, balancer_rows("contiguous", 1024, 1))
+    triangle = 512 * 513 // 2
+    below = int(mask_keys(window, 1024).sum()) - 2 * triangle   # allowed pairs in the masked tile
+    # (split: the rows of all three tiles, since the call is cut)
+    assert cut == {"diagonal": [1024], "split": [3 * 512], "masked": [512 * 512 - below]}
+    assert below == 511 * 512 // 2
 
 
 def test_memory_formulas_by_hand():
