@@ -56,6 +56,21 @@ def resolve_hardware(hw) -> Hardware:
     return HARDWARE[hw]
 
 
+def format_choice(strategy: str, balancer: str | None, options: dict) -> str:
+    """"strategy/balancer[/key=value...]": how a choice is logged and kept in `stats.extra`
+    (the head counts handed to ulysses are left out: they come from the model)."""
+    return f"{strategy}/{balancer or 'default'}" + "".join(
+        f"/{k}={v}" for k, v in options.items() if k not in ("num_heads", "num_kv_heads"))
+
+
+def parse_choice(text: str) -> tuple[str, str | None, dict[str, str]] | None:
+    """(strategy, balancer, options as strings) of a `format_choice` string; None if it is not one."""
+    parts = str(text).split("/")
+    if len(parts) < 2 or not all("=" in p for p in parts[2:]):
+        return None
+    return parts[0], None if parts[1] == "default" else parts[1], dict(p.split("=", 1) for p in parts[2:])
+
+
 def candidates(names, world: int, mask) -> list[tuple[str, str | None, dict]]:
     """(strategy, balancer, options) triples to compare on `world` ranks."""
     out = []
@@ -119,10 +134,9 @@ class Auto(ContextParallel):
         self.inner = build(strategy, mask, seqlen, group=group, mesh=mesh, balancer=bal, **extra, **options)
         # the balancer actually used (None above means the strategy's default for this mask)
         self.balancer = getattr(self.inner, "balancer", None) or bal
-        self.choice = f"{strategy}/{self.balancer or 'default'}" + "".join(
-            f"/{k}={v}" for k, v in extra.items() if k not in ("num_heads", "num_kv_heads"))
+        self.choice = format_choice(strategy, self.balancer, extra)
         self.predicted_s = t
-        self.scores = {f"{s}/{b or 'default'}{''.join(f'/{k}={v}' for k, v in e.items())}": p for p, s, b, e in scored}
+        self.scores = {format_choice(s, b, e): p for p, s, b, e in scored}
         log.info("parallel=auto chose %s (predicted %.4g s fwd+bwd on %s)", self.choice, t, hw.name)
         self.mask, self.seqlen = mask, seqlen
         for attr in ("rank", "world", "index", "indices", "group"):

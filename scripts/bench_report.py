@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from parallel.auto import parse_choice
 from parallel.costmodel import attention_flops
 
 
@@ -82,11 +83,10 @@ def markdown(rows: list[dict]) -> str:
 
 def _chosen_cell(auto: dict, cells: list[dict]) -> dict | None:
     """The measured cell of the strategy auto chose (same strategy, balancer and options)."""
-    parts = str(auto.get("extra", {}).get("auto_choice", "")).split("/")
-    if len(parts) < 2:
+    choice = parse_choice(auto.get("extra", {}).get("auto_choice", ""))
+    if choice is None:
         return None
-    strategy, balancer = parts[0], parts[1]
-    opts = dict(p.split("=", 1) for p in parts[2:])
+    strategy, balancer, opts = choice
     for r in cells:
         cell_opts = {k: str(v) for k, v in r.get("options", {}).items() if k in opts}
         if r["strategy"] == strategy and cell_opts == opts and r.get("balancer") in (None, balancer):

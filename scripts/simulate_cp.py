@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import replace
 
+from parallel.auto import parse_choice
 from parallel.costmodel import (
     Layout, attention_flops, balancer_rows, bytes_sent, imbalance, kernel_rows, mask_keys, memory_per_rank, pairs_per_rank,
     ring_reach,
@@ -132,11 +133,11 @@ def _share(records: list[dict], world: int) -> tuple[float, float]:
             many[0]["probe_bwd_flops"] / one[0]["probe_bwd_flops"])
 
 
-def _kernel_rows(r: dict, strategy: str = "none", balancer=None) -> dict[str, list[int]]:
-    """cpu-backend diagonal / split rows per rank of a record's shape under `strategy` / `balancer`."""
+def _kernel_rows(r: dict, strategy: str = "none", balancer=None, ulysses_degree=None) -> dict[str, list[int]]:
+    """cpu-backend diagonal / split / masked rows per rank of a record's shape under `strategy` / `balancer`."""
     mask = make_mask(r)
     rows = balancer_rows(balancer, r["seqlen"], r["world"], mask)
-    return kernel_rows(strategy, mask, r["seqlen"], rows, ulysses_degree=r.get("options", {}).get("ulysses_degree"))
+    return kernel_rows(strategy, mask, r["seqlen"], rows, ulysses_degree=ulysses_degree)
 
 
 def _fit(xs: list[list[float]], ys: list[float]) -> list[float]:
@@ -200,14 +201,18 @@ def fit_cpu_profile(records: list[dict], world: int = 2, name: str = "cpu", conc
 def _cell_strategy(r: dict) -> tuple[str, int | None, str | None] | None:
     """(strategy, ulysses_degree, balancer) whose time model applies to a measured cell; auto cells
     are modelled as the strategy they chose."""
-    name, balancer = r["strategy"], r.get("balancer")
-    if name == "auto":
-        name, balancer = (str(r.get("extra", {}).get("auto_choice", "")).split("/") + [None])[:2]
+    name, balancer, degree = r["strategy"], r.get("balancer"), r.get("options", {}).get("ulysses_degree")
+    if name == "auto":  # modelled as what it chose, ulysses degree included
+        choice = parse_choice(r.get("extra", {}).get("auto_choice", ""))
+        if choice is None:
+            return None
+        name, balancer, opts = choice
+        degree = int(opts["ulysses_degree"]) if "ulysses_degree" in opts else None
     if name.startswith("peer:deepspeed-ulysses"):
         name, balancer = "ulysses", "contiguous"
     if name not in ("ring", "allgather", "ulysses", "usp"):
         return None
-    return name, r.get("options", {}).get("ulysses_degree"), balancer
+    return name, degree, balancer
 
 
 def _predictable(r: dict) -> bool:
@@ -219,7 +224,7 @@ def _cut(r: dict, hw: Hardware) -> dict[str, list[int]] | None:
     if not (hw.diag_fwd or hw.diag_bwd or hw.split_fwd or hw.split_bwd):
         return None
     kind = _cell_strategy(r)
-    return _kernel_rows(r, kind[0], kind[2])
+    return _kernel_rows(r, kind[0], kind[2], kind[1])
 
 
 def _predict_cell(r: dict, hw: Hardware, cut=None) -> float:

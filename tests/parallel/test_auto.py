@@ -53,3 +53,13 @@ def _exact_on_ranks(rank, world):
 def test_auto_is_exact_and_ranks_agree():
     choices = run_ranks(_exact_on_ranks, 2)
     assert choices[0] == choices[1]
+
+
+def test_choice_strings_round_trip():
+    from parallel.auto import format_choice, parse_choice
+
+    text = format_choice("usp", None, {"ulysses_degree": 2, "ring_degree": 4, "num_heads": 8})
+    assert text == "usp/default/ulysses_degree=2/ring_degree=4"
+    assert parse_choice(text) == ("usp", None, {"ulysses_degree": "2", "ring_degree": "4"})
+    assert parse_choice(format_choice("ring", "headtail", {})) == ("ring", "headtail", {})
+    assert parse_choice("") is None and parse_choice("ring") is None and parse_choice("ring/headtail/x") is None
