@@ -23,6 +23,31 @@ from .base import ContextParallel, CPStats
 from .comm import all_to_all, nbytes
 
 
+class PositionOrder:
+    """Rows taken into ascending position order and back (a no-op when already in order).
+
+    The all-to-all gathers rows in member order; with a balancer that interleaves
+    (headtail, per_doc) the kernel would otherwise see every document cut into pieces, each
+    a separate tile with its own merge."""
+
+    def __init__(self, pos: torch.Tensor):
+        order = torch.argsort(pos)
+        in_order = bool((order == torch.arange(order.numel())).all())
+        self.order = None if in_order else order
+        self.unorder = None if in_order else torch.argsort(order)
+        self.pos = pos[order]
+
+    def rows(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[T, ...] tensors in ascending position order."""
+        return xs if self.order is None else tuple(x.index_select(0, self.order) for x in xs)
+
+    def back(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """out [T, H, D] and lse [H, T] back in the original row order."""
+        if self.order is None:
+            return out, lse
+        return out.index_select(0, self.unorder), lse.index_select(1, self.unorder)
+
+
 class HeadExchange:
     """All-to-all between U ranks (global `peers`, this one at `me`) over `group` (or P2P)."""
 
@@ -82,23 +107,14 @@ class Ulysses(ContextParallel):
             self.exchange.kv_repeats(heads[0], heads[1] or heads[0])
         self.all_pos = torch.cat(self.indices)
         self.total_pairs = pair_counts(mask, self.all_pos, self.all_pos)
-        # The kernel runs on the rows in ascending position order: with a balancer that
-        # interleaves (headtail, per_doc) the gathered rows would otherwise cut every
-        # document into pieces, each a separate tile with its own merge.
-        order = torch.argsort(self.all_pos)
-        self.order = None if bool((order == torch.arange(order.numel())).all()) else order
-        self.unorder = None if self.order is None else torch.argsort(order)
-        self.sorted_pos = self.all_pos[order]
+        self.sort = PositionOrder(self.all_pos)  # the kernel runs on the rows in position order
 
     def compute(self, q, k, v, with_lse=True):
         self.check_inputs(q, k, v)
         qh, kh, vh, k = self.exchange.scatter_heads(q, k, v)
-        if self.order is not None:
-            qh, kh, vh = (x.index_select(0, self.order) for x in (qh, kh, vh))
-        out, lse = kernels.attention(qh, kh, vh, self.mask, q_pos=self.sorted_pos, k_pos=self.sorted_pos,
-                                     scale=self.scale, backend=self.backend)
-        if self.order is not None:
-            out, lse = out.index_select(0, self.unorder), lse.index_select(1, self.unorder)
+        qh, kh, vh = self.sort.rows(qh, kh, vh)
+        out, lse = self.sort.back(*kernels.attention(qh, kh, vh, self.mask, q_pos=self.sort.pos, k_pos=self.sort.pos,
+                                                     scale=self.scale, backend=self.backend))
         lse_rows = self.exchange.lse_to_rows(lse) if with_lse else None
         moved = self.exchange.bytes_moved(q, k)
         self.stats = CPStats([moved] * self.world, [moved] * self.world, [self.total_pairs // self.world] * self.world)

@@ -17,7 +17,7 @@ import torch
 from .base import ContextParallel, CPStats
 from .groups import ParallelDims
 from .ring import RingAttention, RingPlan, ring_stats
-from .ulysses import HeadExchange
+from .ulysses import HeadExchange, PositionOrder
 
 
 class USP(ContextParallel):
@@ -50,9 +50,7 @@ class USP(ContextParallel):
         positions = [torch.cat([self.indices[c] for c in uly_groups[q]]) for q in range(self.ring_degree)]
         # each ring position attends its group's rows in ascending position order (documents
         # stay whole runs for the kernel); the rows are permuted after the all-to-all and back
-        order = torch.argsort(positions[p])
-        self.order = None if bool((order == torch.arange(order.numel())).all()) else order
-        self.unorder = None if self.order is None else torch.argsort(order)
+        self.sort = PositionOrder(positions[p])
         positions = [pos.sort().values for pos in positions]
         self.plan = RingPlan.build(mask, positions, p, [self.ranks[c] for c in ring_members])
         self.grid = [layout.cp_split(c) for c in range(self.world)]
@@ -60,11 +58,8 @@ class USP(ContextParallel):
     def compute(self, q, k, v, with_lse=True):
         self.check_inputs(q, k, v)
         qh, kh, vh, k = self.exchange.scatter_heads(q, k, v)
-        if self.order is not None:
-            qh, kh, vh = (x.index_select(0, self.order) for x in (qh, kh, vh))
-        out, lse = RingAttention.apply(qh, kh, vh, self.plan, self.mask, self.scale, self.backend)
-        if self.order is not None:
-            out, lse = out.index_select(0, self.unorder), lse.index_select(1, self.unorder)
+        qh, kh, vh = self.sort.rows(qh, kh, vh)
+        out, lse = self.sort.back(*RingAttention.apply(qh, kh, vh, self.plan, self.mask, self.scale, self.backend))
         self.stats = self.plan_stats(q, k, kh)
         lse_rows = self.exchange.lse_to_rows(lse) if with_lse else None
         return self.exchange.to_rows(out), lse_rows
