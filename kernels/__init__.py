@@ -2,9 +2,10 @@
 
 `attention(q, k, v, mask, q_pos=, k_pos=, scale=, backend=) -> (out, lse)` with masks in
 global coordinates, `merge` of partials over disjoint keys, and the block-level
-`forward` / `backward` pair that ring and CAD build their own autograd on.
+`forward` / `backward` pair that ring and CAD build their own autograd on.  Mask kinds:
+documents, causal, window, prefix-LM, sinks and S2 per-head sparsity (`HeadStride`).
 """
 from .api import BACKENDS, attention, available_backends, backward, forward, merge, resolve_backend
-from .mask import MaskSpec
+from .mask import HeadStride, MaskSpec
 
-__all__ = ["BACKENDS", "MaskSpec", "attention", "available_backends", "backward", "forward", "merge", "resolve_backend"]
+__all__ = ["BACKENDS", "HeadStride", "MaskSpec", "attention", "available_backends", "backward", "forward", "merge", "resolve_backend"]
