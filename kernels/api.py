@@ -1,13 +1,16 @@
 """The public kernel contract: `attention(...) -> (out, lse)` and `merge(...)`.
 
 Every backend module exposes
-    forward(q, k, v, mask, q_pos, k_pos, scale) -> (out, lse)            (no autograd)
-    backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse) -> (dq, dk, dv)
+    forward(q, k, v, mask, q_pos, k_pos, scale, kv_heads) -> (out, lse)            (no autograd)
+    backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse, kv_heads) -> (dq, dk, dv)
     available(device) -> (bool, reason)
 and `attention` wraps the pair in one autograd Function.  `backward` takes the *final*
 out/lse of the query rows, which is what lets ring and CAD run the backward of one key
 block after partial results were merged over many (the flash-attention identity
 dS = P * (dP - rowsum(dO * O) + dlse) only needs the final row statistics).
+`kv_heads` (LongTensor [Hkv], or None when the mask does not depend on the head) holds the
+global index of each K/V head given, for masks with `heads`: a strategy that holds a
+subset of the heads (Ulysses) passes which ones.
 """
 from __future__ import annotations
 
@@ -70,8 +73,10 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, *,
     return backend
 
 
-def validate(q, k, v, mask, q_pos, k_pos, scale):
-    """Shape and argument checks shared by every backend; returns (q_pos, k_pos, scale)."""
+def validate(q, k, v, mask, q_pos, k_pos, scale, kv_heads=None):
+    """Shape and argument checks shared by every backend; returns (q_pos, k_pos, scale,
+    kv_heads), kv_heads None unless the mask depends on the head.  Without `kv_heads` the
+    K/V heads given are all there are, so an S2 layout's cover is checked here."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a [tokens, heads, head_dim] tensor, got {getattr(t, 'shape', type(t))}")
@@ -91,15 +96,19 @@ def validate(q, k, v, mask, q_pos, k_pos, scale):
     k_pos = check_positions("k_pos", k_pos, tk, q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    return q_pos, k_pos, float(scale)
+    if kv_heads is not None or mask.heads is not None:
+        kv_heads = mask.kv_heads_for(hkv if kv_heads is None else None, kv_heads)
+        if kv_heads.numel() != hkv:
+            raise ValueError(f"kv_heads lists {kv_heads.numel()} heads but k and v hold Hkv={hkv}")
+    return q_pos, k_pos, float(scale), (kv_heads if mask.heads is not None else None)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, q_pos, k_pos, scale, mod):
-        out, lse = mod.forward(q, k, v, mask, q_pos, k_pos, scale)
+    def forward(ctx, q, k, v, mask, q_pos, k_pos, scale, kv_heads, mod):
+        out, lse = mod.forward(q, k, v, mask, q_pos, k_pos, scale, kv_heads)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos)
-        ctx.mask, ctx.scale, ctx.mod = mask, scale, mod
+        ctx.mask, ctx.scale, ctx.kv_heads, ctx.mod = mask, scale, kv_heads, mod
         return out, lse
 
     @staticmethod
@@ -109,41 +118,45 @@ class _Attention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         if dlse is not None and not bool(dlse.any()):
             dlse = None
-        dq, dk, dv = ctx.mod.backward(dout.contiguous(), q, k, v, out, lse, ctx.mask, q_pos, k_pos, ctx.scale, dlse)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = ctx.mod.backward(dout.contiguous(), q, k, v, out, lse, ctx.mask, q_pos, k_pos, ctx.scale, dlse,
+                                      ctx.kv_heads)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def attention(q, k, v, mask: MaskSpec, *, q_pos=None, k_pos=None, scale=None, backend: str = "auto"):
+def attention(q, k, v, mask: MaskSpec, *, q_pos=None, k_pos=None, scale=None, backend: str = "auto",
+              kv_heads=None):
     """Core attention softmax(q k^T * scale) v under `mask`, in global coordinates.
 
     q [Tq, Hq, D], k/v [Tk, Hkv, D]; q_pos/k_pos: global positions of the rows (default
-    0..T-1).  Returns out [Tq, Hq, D] (q's dtype) and lse [Hq, Tq] (float32; float64 for
-    float64 inputs).  Differentiable in q, k, v (and through lse).
+    0..T-1); kv_heads: global index of each K/V head given (default 0..Hkv-1; matters for
+    masks with `heads` only).  Returns out [Tq, Hq, D] (q's dtype) and lse [Hq, Tq]
+    (float32; float64 for float64 inputs).  Differentiable in q, k, v (and through lse).
     """
-    q_pos, k_pos, scale = validate(q, k, v, mask, q_pos, k_pos, scale)
+    q_pos, k_pos, scale, kv_heads = validate(q, k, v, mask, q_pos, k_pos, scale, kv_heads)
     name = resolve_backend(backend, q.device, q.dtype, mask=mask, q_pos=q_pos, k_pos=k_pos)
     mod = backend_module(name)
     if name == "reference":
-        return mod.attention(q, k, v, mask, q_pos, k_pos, scale)
-    return _Attention.apply(q, k, v, mask, q_pos, k_pos, scale, mod)
+        return mod.attention(q, k, v, mask, q_pos, k_pos, scale, kv_heads)
+    return _Attention.apply(q, k, v, mask, q_pos, k_pos, scale, kv_heads, mod)
 
 
-def forward(q, k, v, mask: MaskSpec, *, q_pos=None, k_pos=None, scale=None, backend: str = "auto"):
+def forward(q, k, v, mask: MaskSpec, *, q_pos=None, k_pos=None, scale=None, backend: str = "auto",
+            kv_heads=None):
     """Non-differentiable forward of one block: (out, lse).  For strategies that write their
     own autograd Function (ring, CAD) and call `backward` on each block."""
-    q_pos, k_pos, scale = validate(q, k, v, mask, q_pos, k_pos, scale)
+    q_pos, k_pos, scale, kv_heads = validate(q, k, v, mask, q_pos, k_pos, scale, kv_heads)
     mod = backend_module(resolve_backend(backend, q.device, q.dtype, mask=mask, q_pos=q_pos, k_pos=k_pos))
     with torch.no_grad():
-        return mod.forward(q, k, v, mask, q_pos, k_pos, scale)
+        return mod.forward(q, k, v, mask, q_pos, k_pos, scale, kv_heads)
 
 
 def backward(dout, q, k, v, out, lse, mask: MaskSpec, *, q_pos=None, k_pos=None, scale=None,
-             dlse=None, backend: str = "auto"):
+             dlse=None, backend: str = "auto", kv_heads=None):
     """Gradients (dq, dk, dv) of one key block given the final out/lse of the query rows."""
-    q_pos, k_pos, scale = validate(q, k, v, mask, q_pos, k_pos, scale)
+    q_pos, k_pos, scale, kv_heads = validate(q, k, v, mask, q_pos, k_pos, scale, kv_heads)
     mod = backend_module(resolve_backend(backend, q.device, q.dtype, mask=mask, q_pos=q_pos, k_pos=k_pos))
     with torch.no_grad():
-        return mod.backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse)
+        return mod.backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse, kv_heads)
 
 
 def merge(out_a, lse_a, out_b, lse_b):

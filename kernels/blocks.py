@@ -1,11 +1,15 @@
 """Block classification shared by the fused backends: which (query block, key block)
 tiles are hidden, fully visible, or partially visible under a `MaskSpec`.
 
-A block of rows is summarised by the range of its global positions and document ids.
-From two summaries alone we can prove a tile *hidden* (no allowed pair: skip it) or
-*full* (every pair allowed: no mask needed); anything else is *partial* and the kernel
-evaluates the mask per pair.  The classification is conservative: `hidden` and `full`
-are only claimed when they hold for every pair, so skipping never changes a result.
+A block of rows is summarised by the min and max of a few per-row columns (`COLUMNS`):
+global position, document id, position inside the document, and three flags: inside the
+document's prefix, a sink token, and a key the KV head sees at any distance (dense or on
+its S2 stride).  From two summaries alone we can prove a tile *hidden* (no allowed pair:
+skip it) or *full* (every pair allowed: no mask needed); anything else is *partial* and the
+kernel evaluates the mask per pair.  The classification is conservative: each term of
+`allowed = same and (pre or snk or (local and sparse))` is bounded from below ("all") and
+above ("some") separately, so `hidden` and `full` only hold when they hold for every pair,
+and skipping never changes a result.
 """
 from __future__ import annotations
 
@@ -16,24 +20,40 @@ import torch
 from .mask import MaskSpec
 
 HIDDEN, FULL, PARTIAL = 0, 1, 2
+COLUMNS = ("pos", "doc", "rel", "pre", "snk", "seen")
+_N = len(COLUMNS)
 
 
 @dataclass
 class RowInfo:
-    """Global positions and document ids of a set of rows, plus their runs: a run is a
-    maximal stretch of rows whose positions increase by exactly 1 inside one document."""
+    """Per-row columns of a set of rows (`COLUMNS`, [T, 6] long) plus their runs: a run is a
+    maximal stretch of rows whose positions increase by exactly 1 inside one document,
+    without crossing the end of a prefix or of the sink tokens."""
 
-    pos: torch.Tensor   # [T] long
-    doc: torch.Tensor   # [T] long (all zeros without documents)
+    cols: torch.Tensor  # [T, 6] long
     run: torch.Tensor   # [T] long, run index of every row
 
     @classmethod
-    def of(cls, mask: MaskSpec, pos: torch.Tensor) -> "RowInfo":
+    def of(cls, mask: MaskSpec, pos: torch.Tensor, head: int | None = None) -> "RowInfo":
+        """Rows at `pos`; `head` (global KV-head index) fills the `seen` flag of S2 masks."""
         pos = pos.to("cpu", torch.long).contiguous()
         doc = mask.doc_of(pos).contiguous() if mask.has_docs else torch.zeros_like(pos)
+        rel = mask.relative(pos)
+        pre, snk = mask.in_prefix(pos).long(), mask.in_sink(pos).long()
+        seen = torch.ones_like(pos)
+        if mask.heads is not None and head is not None:
+            seen = mask.heads.sees_block(torch.tensor(head), rel).long()
         brk = torch.ones_like(pos, dtype=torch.bool)
-        brk[1:] = (pos[1:] - pos[:-1] != 1) | (doc[1:] != doc[:-1])
-        return cls(pos, doc, torch.cumsum(brk.long(), 0) - 1)
+        brk[1:] = (pos[1:] - pos[:-1] != 1) | (doc[1:] != doc[:-1]) | (pre[1:] != pre[:-1]) | (snk[1:] != snk[:-1])
+        return cls(torch.stack([pos, doc, rel, pre, snk, seen], 1), torch.cumsum(brk.long(), 0) - 1)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return self.cols[:, 0]
+
+    @property
+    def doc(self) -> torch.Tensor:
+        return self.cols[:, 1]
 
     def runs(self) -> list[tuple[int, int]]:
         """[start, end) row ranges of the runs, in order."""
@@ -45,48 +65,82 @@ class RowInfo:
         return bounds
 
     def block_stats(self, block: int) -> torch.Tensor:
-        """[nblocks, 4] long: (min pos, max pos, min doc, max doc) of each block of `block`
-        rows (the last block may be shorter)."""
-        n = self.pos.numel()
+        """[nblocks, 12] long: min of every column, then max of every column, for each block
+        of `block` rows (the last block may be shorter)."""
+        n = self.cols.shape[0]
         nb = -(-n // block)
         pad = nb * block - n
-        def fold(x, fill, reduce):
-            x = torch.cat([x, x.new_full((pad,), fill)]).view(nb, block)
-            return reduce(x, dim=1).values
         big = torch.iinfo(torch.long).max
-        return torch.stack([fold(self.pos, big, torch.min), fold(self.pos, -1, torch.max),
-                            fold(self.doc, big, torch.min), fold(self.doc, -1, torch.max)], dim=1)
+        lo = torch.cat([self.cols, self.cols.new_full((pad, _N), big)]).view(nb, block, _N).min(1).values
+        hi = torch.cat([self.cols, self.cols.new_full((pad, _N), -1)]).view(nb, block, _N).max(1).values
+        return torch.cat([lo, hi], 1)
 
     def range_stats(self, a: int, b: int) -> torch.Tensor:
-        """(min pos, max pos, min doc, max doc) of rows [a, b) as a [4] long tensor."""
-        p, d = self.pos[a:b], self.doc[a:b]
-        return torch.stack([p.min(), p.max(), d.min(), d.max()])
+        """Column mins then maxes of rows [a, b) as a [12] long tensor."""
+        c = self.cols[a:b]
+        return torch.cat([c.min(0).values, c.max(0).values])
 
     def is_run(self, a: int, b: int) -> bool:
-        """True when rows [a, b) are consecutive positions of one document."""
+        """True when rows [a, b) are consecutive positions of one document (one run)."""
         return bool(self.run[a] == self.run[b - 1])
+
+
+def bounds(mask: MaskSpec, q_stats: torch.Tensor, k_stats: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(all, some) of every term of the formula over the tiles: `all` is True only where the
+    term holds for every pair of the tile, `some` is False only where it holds for none."""
+    q_lo, q_hi = q_stats[..., :_N].unbind(-1), q_stats[..., _N:].unbind(-1)
+    k_lo, k_hi = k_stats[..., :_N].unbind(-1), k_stats[..., _N:].unbind(-1)
+    shape = torch.broadcast_shapes(q_lo[0].shape, k_lo[0].shape)
+    yes, no = torch.ones(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)
+    (qmin, qdmin, qrmin, qpmin, _, _), (qmax, qdmax, qrmax, qpmax, _, _) = q_lo, q_hi
+    (kmin, kdmin, krmin, kpmin, ksmin, kvmin), (kmax, kdmax, krmax, kpmax, ksmax, kvmax) = k_lo, k_hi
+    terms = {}
+    if mask.has_docs:
+        terms["same"] = ((qdmin == qdmax) & (kdmin == kdmax) & (qdmin == kdmin), (qdmax >= kdmin) & (kdmax >= qdmin))
+    local_all, local_some = yes, yes
+    if mask.is_causal:
+        local_all, local_some = local_all & (qmin >= kmax), local_some & (qmax >= kmin)
+    if mask.window is not None:
+        local_all, local_some = local_all & ((qmax - kmin) < mask.window), local_some & ((qmin - kmax) < mask.window)
+    if mask.heads is not None:
+        b, lb = mask.heads.block, mask.heads.local_blocks
+        near_all = torch.div(qrmax, b, rounding_mode="floor") - torch.div(krmin, b, rounding_mode="floor") < lb
+        near_some = torch.div(qrmin, b, rounding_mode="floor") - torch.div(krmax, b, rounding_mode="floor") < lb
+        terms["sparse"] = ((kvmin == 1) | near_all, (kvmax == 1) | near_some)
+    terms["local"] = (local_all, local_some)
+    if mask.prefix is not None:
+        terms["pre"] = ((qpmin == 1) & (kpmin == 1), (qpmax == 1) & (kpmax == 1))
+    if mask.sink is not None:
+        terms["snk"] = ((ksmin == 1) & (kmax <= qmin), (ksmax == 1) & (kmin <= qmax))
+    return terms
 
 
 def classify(mask: MaskSpec, q_stats: torch.Tensor, k_stats: torch.Tensor) -> torch.Tensor:
     """Tile kinds (HIDDEN / FULL / PARTIAL) for query and key block statistics.
 
-    q_stats [..., 4] and k_stats [..., 4] (see `RowInfo.block_stats`) broadcast against
-    each other, e.g. [nq, 1, 4] with [1, nk, 4] gives the [nq, nk] table of all tiles.
+    q_stats [..., 12] and k_stats [..., 12] (see `RowInfo.block_stats`) broadcast against
+    each other, e.g. [nq, 1, 12] with [1, nk, 12] gives the [nq, nk] table of all tiles.
+    Key statistics taken with a `head` classify the tiles of that KV head.
     """
-    qmin, qmax, qdmin, qdmax = q_stats.unbind(-1)
-    kmin, kmax, kdmin, kdmax = k_stats.unbind(-1)
-    hidden = torch.zeros(torch.broadcast_shapes(qmin.shape, kmin.shape), dtype=torch.bool)
-    full = torch.ones_like(hidden)
-    if mask.is_causal:
-        hidden |= qmax < kmin
-        full &= qmin >= kmax
-    if mask.window is not None:
-        hidden |= (qmin - kmax) >= mask.window
-        full &= (qmax - kmin) < mask.window
-    if mask.has_docs:
-        hidden |= (qdmax < kdmin) | (kdmax < qdmin)
-        full &= (qdmin == qdmax) & (kdmin == kdmax) & (qdmin == kdmin)
-    kind = torch.full(hidden.shape, PARTIAL, dtype=torch.int8)
-    kind[full] = FULL
-    kind[hidden] = HIDDEN
+    terms = bounds(mask, q_stats, k_stats)
+    all_, some = terms["local"]
+    if "sparse" in terms:
+        all_, some = all_ & terms["sparse"][0], some & terms["sparse"][1]
+    for name in ("pre", "snk"):
+        if name in terms:
+            all_, some = all_ | terms[name][0], some | terms[name][1]
+    if "same" in terms:
+        all_, some = all_ & terms["same"][0], some & terms["same"][1]
+    kind = torch.full(all_.shape, PARTIAL, dtype=torch.int8)
+    kind[all_] = FULL
+    kind[~some] = HIDDEN
     return kind
+
+
+def only_local(mask: MaskSpec, q_stats: torch.Tensor, k_stats: torch.Tensor) -> bool:
+    """True when on this tile the mask is just documents and causal/window: no prefix or
+    sink pair, and the head sees every key of the tile at any distance."""
+    terms = bounds(mask, q_stats, k_stats)
+    if any(bool(terms[name][1]) for name in ("pre", "snk") if name in terms):
+        return False
+    return "sparse" not in terms or bool(terms["sparse"][0])

@@ -1,11 +1,18 @@
 """CPU backend: torch's fused flash-attention ops, called once per useful tile.
 
 The rows are cut into tiles (`plan`): runs of consecutive positions inside one document
-(ring blocks, zigzag halves and documents are long runs), split further only where the
-mask is partial.  Each (query tile, key tile) pair is skipped when hidden, run without a
-mask when fully visible, with the op's top-left `is_causal` when the mask is exactly the
-causal triangle, and with an explicit additive mask otherwise.  Partials of one query
-row over several key tiles are merged in float32 with their lse (`kernels.merge`).
+(ring blocks, zigzag halves and documents are long runs; a prefix or the sink tokens end
+a run), split further only where the mask is partial.  Each (query tile, key tile) pair is
+skipped when hidden, run without a mask when fully visible, with the op's top-left
+`is_causal` when the mask is exactly the causal triangle, and with an explicit additive
+mask otherwise.  Partials of one query row over several key tiles are merged in float32
+with their lse (`kernels.merge`).
+
+Masks that depend on the KV head (S2 `heads`) run per KV head (with its G query heads),
+over two compacted key sets: the keys the head sees at any distance (dense heads: all;
+sparse heads: the blocks on its stride), where the head term is True and the mask is the
+head-free one, and the other keys, which only the local band reaches.  Each set is
+gathered into its own K/V rows, so the op never touches the blocks a head skips.
 
 Backward runs the fused backward op per computed tile with the FINAL out/lse of the
 rows, which is exact because the op forms dS = P * (dP - rowsum(dO * O)) from them.
@@ -19,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from .blocks import FULL, HIDDEN, RowInfo, classify
+from .blocks import FULL, HIDDEN, RowInfo, classify, only_local
 from .mask import MaskSpec
 
 TILE = 512            # largest tile side that gets an explicit [TILE, TILE] mask
@@ -38,27 +45,57 @@ class Tile(NamedTuple):
     kind: int
 
 
-def plan(mask: MaskSpec, q_pos: torch.Tensor, k_pos: torch.Tensor) -> list[Tile]:
-    """The computed tiles; every allowed (query, key) pair lies in exactly one of them."""
-    qi, ki = RowInfo.of(mask, q_pos), RowInfo.of(mask, k_pos)
+class Unit(NamedTuple):
+    """One call of the tile loop: the KV heads `kv` (a slice) with their query heads, over
+    the keys `keys` (row indices; None: all), for global KV head `head` (None: the mask
+    does not depend on it)."""
+
+    kv: slice
+    keys: torch.Tensor | None
+    head: int | None
+
+
+def units(mask: MaskSpec, k_pos: torch.Tensor, num_kv_heads: int, kv_heads) -> list[Unit]:
+    """All heads at once without `heads`; else per KV head its seen keys and the others."""
+    if mask.heads is None:
+        return [Unit(slice(None), None, None)]
+    rel = mask.relative(k_pos.cpu())
+    out = []
+    for h in range(num_kv_heads):
+        head = int(kv_heads[h])
+        seen = mask.heads.sees_block(torch.tensor(head), rel)
+        if bool(seen.all()):
+            out.append(Unit(slice(h, h + 1), None, head))
+            continue
+        for part in (seen, ~seen):
+            if bool(part.any()):
+                out.append(Unit(slice(h, h + 1), part.nonzero().flatten(), head))
+    return out
+
+
+def plan(mask: MaskSpec, q_pos: torch.Tensor, k_pos: torch.Tensor, head: int | None = None) -> list[Tile]:
+    """The computed tiles; every allowed (query, key) pair lies in exactly one of them.
+    `head`: the global KV head whose tiles these are (masks with `heads`)."""
+    qi, ki = RowInfo.of(mask, q_pos), RowInfo.of(mask, k_pos, head)
     tiles: list[Tile] = []
-    for qa, qb in _start_ranges(qi):
-        for ka, kb in _start_ranges(ki):
-            _split(mask, qi, ki, qa, qb, ka, kb, tiles)
+    min_run = MIN_RUN if mask.heads is None else TILE  # compacted keys: runs of one S2 block
+    for qa, qb in _start_ranges(qi, MIN_RUN):
+        for ka, kb in _start_ranges(ki, min_run):
+            _split(mask, qi, ki, qa, qb, ka, kb, head, tiles)
     return tiles
 
 
-def _start_ranges(info: RowInfo) -> list[tuple[int, int]]:
+def _start_ranges(info: RowInfo, min_run: int) -> list[tuple[int, int]]:
     """Runs when they are long on average, else the whole range (scattered positions,
     e.g. a stripe layout, are then cut into fixed tiles by `_split`)."""
     runs = info.runs()
     n = info.pos.numel()
     if n == 0:
         return []
-    return runs if len(runs) * MIN_RUN <= n or len(runs) == 1 else [(0, n)]
+    return runs if len(runs) * min_run <= n or len(runs) == 1 else [(0, n)]
 
 
-def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, tiles: list[Tile]) -> None:
+def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, head, tiles: list[Tile]) -> None:
     qs, ks = qi.range_stats(qa, qb), ki.range_stats(ka, kb)
     kind = int(classify(mask, qs, ks))
     if kind == HIDDEN:
@@ -66,8 +103,8 @@ def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, tiles: list[Tile]) ->
     if kind == FULL:
         tiles.append(Tile(qa, qb, ka, kb, FULL))
         return
-    window_covers = mask.window is None or int(qs[1] - ks[0]) < mask.window
-    if window_covers and qi.is_run(qa, qb) and ki.is_run(ka, kb):
+    window_covers = mask.window is None or int(qs[6] - ks[0]) < mask.window  # max q pos - min k pos
+    if window_covers and qi.is_run(qa, qb) and ki.is_run(ka, kb) and only_local(mask, qs, ks):
         # Same document, consecutive positions, only causality is partial: shift the
         # tile so that both sides start at the same position, where is_causal applies.
         shift = int(qs[0] - ks[0])
@@ -78,12 +115,12 @@ def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, tiles: list[Tile]) ->
             tiles.append(Tile(qa - shift, qb, ka, kb, CAUSAL))
         return
     if qb - qa <= TILE and kb - ka <= TILE:
-        if bool(mask.allowed(qi.pos[qa:qb], ki.pos[ka:kb]).any()):  # ranges cannot prove all hidden
+        if bool(_allowed(mask, qi.pos[qa:qb], ki.pos[ka:kb], head).any()):  # ranges cannot prove all hidden
             tiles.append(Tile(qa, qb, ka, kb, MASKED))
         return
     for q0, q1 in _halves(qa, qb):
         for k0, k1 in _halves(ka, kb):
-            _split(mask, qi, ki, q0, q1, k0, k1, tiles)
+            _split(mask, qi, ki, q0, q1, k0, k1, head, tiles)
 
 
 def _halves(a: int, b: int) -> list[tuple[int, int]]:
@@ -93,49 +130,70 @@ def _halves(a: int, b: int) -> list[tuple[int, int]]:
     return [(a, mid), (mid, b)]
 
 
+def _allowed(mask: MaskSpec, q_pos, k_pos, head: int | None) -> torch.Tensor:
+    """[Tq, Tk] allowed pairs for one KV head (or all, without `heads`)."""
+    if mask.heads is None:
+        return mask.allowed(q_pos, k_pos)
+    return mask.allowed(q_pos, k_pos, kv_heads=[head])[0]
+
+
 def _bhtd(x: torch.Tensor) -> torch.Tensor:
     """[T, H, D] -> [1, H, T, D] view, the op's layout."""
     return x.permute(1, 0, 2).unsqueeze(0)
 
 
-def _tile_mask(mask, q_pos, k_pos, t: Tile, dtype):
+def _tile_mask(mask, q_pos, k_pos, t: Tile, head, dtype):
     """Additive mask for a MASKED tile and the rows of the tile that see no key."""
     if t.kind != MASKED:
         return None, None
-    allowed = mask.allowed(q_pos[t.q0:t.q1], k_pos[t.k0:t.k1])
+    allowed = _allowed(mask, q_pos[t.q0:t.q1], k_pos[t.k0:t.k1], head)
     bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
     return bias.view(1, 1, *allowed.shape), ~allowed.any(1)
 
 
-def forward(q, k, v, mask, q_pos, k_pos, scale):
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _unit_rows(u: Unit, g: int, q, k, v, k_pos):
+    """q of the unit's query heads, its (compacted) k, v and their positions."""
+    qh = slice(None) if u.kv == slice(None) else slice(u.kv.start * g, u.kv.stop * g)
+    k, v = k[:, u.kv], v[:, u.kv]
+    if u.keys is not None:
+        k, v, k_pos = k.index_select(0, u.keys), v.index_select(0, u.keys), k_pos[u.keys.to(k_pos.device)]
+    return qh, q[:, qh], k, v, k_pos
+
+
+def forward(q, k, v, mask, q_pos, k_pos, scale, kv_heads=None):
     tq, hq, d = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    tiles = plan(mask, q_pos, k_pos)
-    partials = []
-    for t in tiles:
-        bias, dead = _tile_mask(mask, q_pos, k_pos, t, q.dtype)
-        o, lse = _fwd(_bhtd(q[t.q0:t.q1]), _bhtd(k[t.k0:t.k1]), _bhtd(v[t.k0:t.k1]), 0.0,
-                      t.kind == CAUSAL, attn_mask=bias, scale=scale)
-        o, lse = o[0].permute(1, 0, 2), lse[0]
-        if dead is not None and bool(dead.any()):
-            lse = lse.masked_fill(dead, float("-inf"))  # the op reports 0 for empty rows
-        partials.append((t, o, lse))
-    if len(tiles) == 1 and (tiles[0].q0, tiles[0].q1) == (0, tq):
-        _, o, lse = partials[0]
-        return o, lse.to(lse_dtype)
+    g = hq // k.shape[1]
+    parts = []
+    for u in units(mask, k_pos, k.shape[1], kv_heads):
+        qh, qu, ku, vu, kp = _unit_rows(u, g, q, k, v, k_pos)
+        for t in plan(mask, q_pos, kp, u.head):
+            bias, dead = _tile_mask(mask, q_pos, kp, t, u.head, q.dtype)
+            o, lse = _fwd(_bhtd(qu[t.q0:t.q1]), _bhtd(ku[t.k0:t.k1]), _bhtd(vu[t.k0:t.k1]), 0.0,
+                          t.kind == CAUSAL, attn_mask=bias, scale=scale)
+            o, lse = o[0].permute(1, 0, 2), lse[0]
+            if dead is not None and bool(dead.any()):
+                lse = lse.masked_fill(dead, float("-inf"))  # the op reports 0 for empty rows
+            parts.append((qh, t, o, lse))
+    if len(parts) == 1 and parts[0][0] == slice(None) and (parts[0][1].q0, parts[0][1].q1) == (0, tq):
+        _, _, o, lse = parts[0]
+        return o, lse.to(_acc(q.dtype))
     from .api import merge
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(tq, hq, d, dtype=acc)
-    lse_all = torch.full((hq, tq), float("-inf"), dtype=acc)
-    for t, o, lse in partials:
-        out[t.q0:t.q1], lse_all[:, t.q0:t.q1] = merge(out[t.q0:t.q1], lse_all[:, t.q0:t.q1], o, lse)
-    return out.to(q.dtype), lse_all.to(lse_dtype)
+    out = torch.zeros(tq, hq, d, dtype=_acc(q.dtype))
+    lse_all = torch.full((hq, tq), float("-inf"), dtype=_acc(q.dtype))
+    for qh, t, o, lse in parts:
+        rows = slice(t.q0, t.q1)
+        out[rows, qh], lse_all[qh, rows] = merge(out[rows, qh], lse_all[qh, rows], o, lse)
+    return out.to(q.dtype), lse_all
 
 
-def backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse=None):
+def backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse=None, kv_heads=None):
     tq, hq, d = q.shape
-    tiles = plan(mask, q_pos, k_pos)
-    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    g = hq // k.shape[1]
+    lse = lse.to(_acc(q.dtype))
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # rows seeing no key: P = 0
     dout = dout.to(q.dtype)
     out = out.to(q.dtype)
@@ -143,27 +201,36 @@ def backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse=None):
         q, k, v = (torch.nn.functional.pad(x, (0, 1)) for x in (q, k, v))
         out = torch.cat([out, -dlse.t().unsqueeze(-1).to(q.dtype)], dim=-1)
         dout = torch.nn.functional.pad(dout, (0, 1), value=1.0)
-    if len(tiles) == 1 and (tiles[0].q0, tiles[0].q1, tiles[0].k0, tiles[0].k1) == (0, tq, 0, k.shape[0]):
-        return tuple(g[..., :d] for g in _tile_backward(tiles[0], dout, q, k, v, out, lse, mask, q_pos, k_pos, scale))
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = torch.zeros(tq, hq, d, dtype=acc)
-    dk = torch.zeros(k.shape[0], k.shape[1], d, dtype=acc)
+    if mask.heads is None:
+        tiles = plan(mask, q_pos, k_pos)
+        if len(tiles) == 1 and (tiles[0].q0, tiles[0].q1, tiles[0].k0, tiles[0].k1) == (0, tq, 0, k.shape[0]):
+            return tuple(x[..., :d] for x in _tile_backward(tiles[0], None, dout, q, k, v, out, lse, mask, q_pos,
+                                                            k_pos, scale))
+    dq = torch.zeros(tq, hq, d, dtype=_acc(q.dtype))
+    dk = torch.zeros(k.shape[0], k.shape[1], d, dtype=_acc(q.dtype))
     dv = torch.zeros_like(dk)
-    for t in tiles:
-        gq, gk, gv = _tile_backward(t, dout, q, k, v, out, lse, mask, q_pos, k_pos, scale)
-        dq[t.q0:t.q1] += gq[..., :d]
-        dk[t.k0:t.k1] += gk[..., :d]
-        dv[t.k0:t.k1] += gv[..., :d]
+    for u in units(mask, k_pos, k.shape[1], kv_heads):
+        qh, qu, ku, vu, kp = _unit_rows(u, g, q, k, v, k_pos)
+        gk_u = torch.zeros(ku.shape[0], ku.shape[1], d, dtype=dk.dtype)
+        gv_u = torch.zeros_like(gk_u)
+        for t in plan(mask, q_pos, kp, u.head):
+            gq, gk, gv = _tile_backward(t, u.head, dout[:, qh], qu, ku, vu, out[:, qh], lse[qh], mask, q_pos, kp, scale)
+            dq[t.q0:t.q1, qh] += gq[..., :d]
+            gk_u[t.k0:t.k1] += gk[..., :d]
+            gv_u[t.k0:t.k1] += gv[..., :d]
+        keys = slice(None) if u.keys is None else u.keys
+        dk[keys, u.kv] += gk_u
+        dv[keys, u.kv] += gv_u
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _tile_backward(t: Tile, dout, q, k, v, out, lse, mask, q_pos, k_pos, scale):
+def _tile_backward(t: Tile, head, dout, q, k, v, out, lse, mask, q_pos, k_pos, scale):
     """(dq, dk, dv) of one tile as [T, H, D] views (the op sums dk/dv over each group)."""
-    bias, _ = _tile_mask(mask, q_pos, k_pos, t, q.dtype)
+    bias, _ = _tile_mask(mask, q_pos, k_pos, t, head, q.dtype)
     rows, keys = slice(t.q0, t.q1), slice(t.k0, t.k1)
     grads = _bwd(_bhtd(dout[rows]), _bhtd(q[rows]), _bhtd(k[keys]), _bhtd(v[keys]), _bhtd(out[rows]),
                  lse[:, rows].unsqueeze(0).contiguous(), 0.0, t.kind == CAUSAL, attn_mask=bias, scale=scale)
-    return tuple(g[0].permute(1, 0, 2) for g in grads)
+    return tuple(x[0].permute(1, 0, 2) for x in grads)
 
 
 def available(device) -> tuple[bool, str]:

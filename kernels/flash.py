@@ -7,6 +7,9 @@ windows differ (e.g. a ring block that sees all of one document and the diagonal
 another) go to separate calls.  Each document's rows must be consecutive positions (one
 run); otherwise the mask cannot be expressed and a ValueError says so.
 Rows that see no key come back as out = 0, lse = -inf (flash-attn reports +inf).
+A prefix (bidirectional block inside a causal document), sink tokens and S2 per-head
+sparsity have no flash-attn equivalent: such masks raise a ValueError here, and
+`backend="auto"` picks triton for them.
 """
 from __future__ import annotations
 
@@ -26,6 +29,10 @@ def _interface():
 
 def _groups(mask: MaskSpec, q_pos, k_pos):
     """{(left, right): [(q_rows, k_rows), ...]} with row ranges per visible document."""
+    kinds = [name for name in ("prefix", "sink", "heads") if getattr(mask, name) is not None]
+    if kinds:
+        raise ValueError(f"the flash backend cannot express a mask with {', '.join(kinds)} (flash-attn has no "
+                         "bidirectional prefix, sink tokens or per-head block sparsity); use backend='triton'")
     qi, ki = RowInfo.of(mask, q_pos), RowInfo.of(mask, k_pos)
     q_runs, k_runs = _doc_runs(qi, "q_pos"), _doc_runs(ki, "k_pos")
     groups = defaultdict(list)
@@ -81,7 +88,7 @@ def _pad8(x, extra=0):
     return torch.nn.functional.pad(x, (0, (-(d + extra)) % 8 + extra))
 
 
-def forward(q, k, v, mask, q_pos, k_pos, scale):
+def forward(q, k, v, mask, q_pos, k_pos, scale, kv_heads=None):
     _check_dtype(q)
     fa = _interface()
     d = q.shape[-1]
@@ -101,7 +108,7 @@ def forward(q, k, v, mask, q_pos, k_pos, scale):
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse=None):
+def backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse=None, kv_heads=None):
     """The extra head_dim column carries dlse: 1 in dout and -dlse in out, so the kernel's
     rowsum(dO * O) becomes rowsum(dO * O) - dlse."""
     _check_dtype(q)
