@@ -219,12 +219,16 @@ class MaskSpec:
         self.doc_of(pos)  # range check
         return pos.to(torch.long) - self._starts[pos.to("cpu", torch.long)].to(pos.device)
 
+    def prefix_len(self, pos: torch.Tensor) -> torch.Tensor:
+        """P(doc(p)): the prefix length of each position's document (0 without a prefix)."""
+        if self._prefix is None:
+            return torch.zeros(pos.shape, dtype=torch.long, device=pos.device)
+        where = torch.zeros_like(pos, device="cpu") if self._docs is None else pos.to("cpu", torch.long)
+        return self._prefix[where].to(pos.device)
+
     def in_prefix(self, pos: torch.Tensor) -> torch.Tensor:
         """r(p) < P(doc(p)): p lies in its document's prefix (all False without a prefix)."""
-        if self._prefix is None:
-            return torch.zeros(pos.shape, dtype=torch.bool, device=pos.device)
-        where = torch.zeros_like(pos, device="cpu") if self._docs is None else pos.to("cpu", torch.long)
-        return self.relative(pos) < self._prefix[where].to(pos.device)
+        return self.relative(pos) < self.prefix_len(pos)
 
     def in_sink(self, pos: torch.Tensor) -> torch.Tensor:
         """r(p) < sink: p is one of its document's sink tokens (all False without a sink)."""

@@ -41,7 +41,7 @@ class AllGatherAttention(torch.autograd.Function):
         for kh, qh in cp.head_slices(hq, hkv):
             g = _Gathered(cp, kv[:, :, kh].contiguous())
             out[:, qh], lse[qh] = kernels.forward(q[:, qh], g.k, g.v, cp.mask, q_pos=cp.index, k_pos=cp.key_pos,
-                                                  scale=cp.scale, backend=cp.backend)
+                                                  scale=cp.scale, backend=cp.backend, kv_heads=torch.arange(hkv)[kh])
         ctx.save_for_backward(q, kv, out, lse)
         ctx.cp = cp
         return out, lse
@@ -59,7 +59,8 @@ class AllGatherAttention(torch.autograd.Function):
             g = _Gathered(cp, kv[:, :, kh].contiguous())
             dq[:, qh], dk, dv = kernels.backward(
                 dout[:, qh].contiguous(), q[:, qh], g.k, g.v, out[:, qh], lse[qh], cp.mask, q_pos=cp.index,
-                k_pos=cp.key_pos, scale=cp.scale, dlse=None if dlse is None else dlse[qh], backend=cp.backend)
+                k_pos=cp.key_pos, scale=cp.scale, dlse=None if dlse is None else dlse[qh], backend=cp.backend,
+                kv_heads=torch.arange(kv.shape[2])[kh])
             # dK/dV back to the gathered rows' places (rank order; zero for ranks not needed),
             # accumulated in float32, and reduce-scattered to their owners
             rows = cp.world * q.shape[0]

@@ -19,7 +19,8 @@ causal/window masks without, contiguous otherwise.
 
 `pair_counts` / `pair_matrix` count the (query, key) pairs a mask allows between row sets
 without a dense matrix: for every query the allowed keys form one interval of positions
-(document start or window start .. query or document end), so a binary search, or a
+(document start or window start .. query or document end; the whole prefix for a query
+inside it) plus, with sinks, the document's first tokens, so a binary search, or a
 running count of each rank's keys, counts them.
 """
 from __future__ import annotations
@@ -99,24 +100,43 @@ def assign(balancer: str | None, seqlen: int, world: int, mask, **options) -> li
 
 
 def key_intervals(mask, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive [lo, hi] range of key positions each query position may attend."""
+    """Inclusive [lo, hi] range of key positions each query position may attend, apart from
+    its document's sink tokens (`sink_intervals`).  A query inside a prefix sees the whole
+    prefix (and, bidirectional, its usual keys, which lie inside or start there).  With S2
+    `heads` this is the union over the heads (the mask without heads, since heads cover)."""
     q_pos = q_pos.to("cpu", torch.long)
     big = torch.iinfo(torch.long).max
     lo = torch.zeros_like(q_pos)
     hi = torch.full_like(q_pos, big)
+    starts = torch.zeros_like(q_pos)
     if mask.has_docs:
-        starts = mask.cu_doc_starts
-        n = starts.numel()
-        lens = torch.tensor(mask.doc_lens)
-        ends = torch.repeat_interleave(torch.cumsum(lens, 0) - 1, lens)
+        n = mask.seqlen
         if q_pos.numel() and int(q_pos.max()) >= n:
             raise ValueError(f"positions reach {int(q_pos.max())} but the mask's documents cover seqlen={n}")
-        lo, hi = starts[q_pos], ends[q_pos]
+        lens = torch.tensor(mask.doc_lens)
+        ends = torch.repeat_interleave(torch.cumsum(lens, 0) - 1, lens)
+        starts = mask.cu_doc_starts[q_pos]
+        lo, hi = starts, ends[q_pos]
     if mask.is_causal:
         hi = torch.minimum(hi, q_pos)
     if mask.window is not None:
         lo = torch.maximum(lo, q_pos - mask.window + 1)
+    if mask.prefix is not None:
+        inside = mask.in_prefix(q_pos)
+        prefix_end = q_pos - mask.relative(q_pos) + mask.prefix_len(q_pos) - 1
+        lo = torch.where(inside, starts, lo)
+        hi = torch.where(inside, torch.maximum(hi, prefix_end), hi)
     return lo, hi
+
+
+def sink_intervals(mask, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive [lo, hi] of the sink keys each query sees (its document's first `sink`
+    tokens up to itself; hi < lo: none)."""
+    q_pos = q_pos.to("cpu", torch.long)
+    if mask.sink is None:
+        return torch.zeros_like(q_pos), torch.full_like(q_pos, -1)
+    start = q_pos - mask.relative(q_pos)
+    return start, torch.minimum(start + mask.sink - 1, q_pos)
 
 
 def _count(keys_sorted: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> int:
@@ -124,22 +144,35 @@ def _count(keys_sorted: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> int
     return int(n.clamp_min(0).sum())
 
 
+def _intervals(mask, q_pos: torch.Tensor) -> list[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """(sign, [lo, hi]) whose signed key counts add up to each query's allowed keys: the
+    main interval, plus the sink interval, minus their overlap."""
+    lo, hi = key_intervals(mask, q_pos)
+    if mask.sink is None:
+        return [(1, (lo, hi))]
+    s_lo, s_hi = sink_intervals(mask, q_pos)
+    return [(1, (lo, hi)), (1, (s_lo, s_hi)), (-1, (torch.maximum(lo, s_lo), torch.minimum(hi, s_hi)))]
+
+
 def pair_counts(mask, q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
-    """Allowed (query, key) pairs between the rows at q_pos and k_pos (any order)."""
-    return _count(torch.sort(k_pos.to("cpu", torch.long)).values, *key_intervals(mask, q_pos))
+    """Allowed (query, key) pairs between the rows at q_pos and k_pos (any order); with S2
+    `heads`, pairs some head allows."""
+    keys = torch.sort(k_pos.to("cpu", torch.long)).values
+    return sum(sign * _count(keys, lo, hi) for sign, (lo, hi) in _intervals(mask, q_pos))
 
 
 def pair_matrix(mask, index: list[torch.Tensor]) -> list[list[int]]:
     """pairs[r][j]: allowed pairs between rank r's queries and rank j's keys, where `index`
     partitions the positions 0..T-1.  One pass: a running count of every rank's keys
-    ([T+1, P]) turns each query's key interval into its pairs with every rank."""
+    ([T+1, P]) turns each query's key intervals into its pairs with every rank."""
     seqlen, world = sum(int(ix.numel()) for ix in index), len(index)
     owner = torch.empty(seqlen, dtype=torch.long)
     for r, ix in enumerate(index):
         owner[ix.to("cpu", torch.long)] = r
     running = torch.zeros(seqlen + 1, world, dtype=torch.long)
     running[1:] = torch.nn.functional.one_hot(owner, world).cumsum(0)
-    lo, hi = key_intervals(mask, torch.arange(seqlen))
-    lo, hi = lo.clamp(0, seqlen), hi.clamp(-1, seqlen - 1)
-    per_query = (running[hi + 1] - running[lo]).clamp_min(0)
+    per_query = torch.zeros(seqlen, world, dtype=torch.long)
+    for sign, (lo, hi) in _intervals(mask, torch.arange(seqlen)):
+        lo, hi = lo.clamp(0, seqlen), hi.clamp(-1, seqlen - 1)
+        per_query += sign * (running[hi + 1] - running[lo]).clamp_min(0)
     return [per_query[ix.to("cpu", torch.long)].sum(0).tolist() for ix in index]

@@ -63,7 +63,7 @@ class RingPlan:
         }
 
 
-def ring_forward(plan: RingPlan, q, kv, mask, scale, backend):
+def ring_forward(plan: RingPlan, q, kv, mask, scale, backend, kv_heads=None):
     n, r = len(plan.peers), plan.rank
     nxt, prv = plan.peers[(r + 1) % n], plan.peers[(r - 1) % n]
     out = lse = None
@@ -77,7 +77,7 @@ def ring_forward(plan: RingPlan, q, kv, mask, scale, backend):
                       [(recv, prv, s + 1)] if recv is not None else [])
         if cur is not None and plan.pairs[r][j] > 0:
             o, l = kernels.forward(q, cur[0], cur[1], mask, q_pos=plan.positions[r], k_pos=plan.positions[j],
-                                   scale=scale, backend=backend)
+                                   scale=scale, backend=backend, kv_heads=kv_heads)
             out, lse = (o.to(acc_dtype(q.dtype)), l) if out is None else kernels.merge(out, lse, o, l)
         pending.wait()
         spare = cur if cur is not None and cur is not kv else None
@@ -88,7 +88,7 @@ def ring_forward(plan: RingPlan, q, kv, mask, scale, backend):
     return out.to(q.dtype), lse
 
 
-def ring_backward(plan: RingPlan, dout, q, kv, out, lse, dlse, mask, scale, backend):
+def ring_backward(plan: RingPlan, dout, q, kv, out, lse, dlse, mask, scale, backend, kv_heads=None):
     n, r = len(plan.peers), plan.rank
     nxt, prv = plan.peers[(r + 1) % n], plan.peers[(r - 1) % n]
     acc = acc_dtype(q.dtype)
@@ -108,7 +108,8 @@ def ring_backward(plan: RingPlan, dout, q, kv, out, lse, dlse, mask, scale, back
             grads = None
             if plan.pairs[r][j] > 0:
                 grads = kernels.backward(dout, q, cur[0], cur[1], out, lse, mask, q_pos=plan.positions[r],
-                                         k_pos=plan.positions[j], scale=scale, dlse=dlse, backend=backend)
+                                         k_pos=plan.positions[j], scale=scale, dlse=dlse, backend=backend,
+                                         kv_heads=kv_heads)
                 dq += grads[0]
             if s == 0:
                 dkv = own
@@ -142,12 +143,14 @@ def ring_backward(plan: RingPlan, dout, q, kv, out, lse, dlse, mask, scale, back
 
 
 class RingAttention(torch.autograd.Function):
+    """kv_heads: global index of each K/V head given (usp holds a subset; None: all)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, plan, mask, scale, backend):
+    def forward(ctx, q, k, v, plan, mask, scale, backend, kv_heads=None):
         kv = torch.stack([k, v])
-        out, lse = ring_forward(plan, q, kv, mask, scale, backend)
+        out, lse = ring_forward(plan, q, kv, mask, scale, backend, kv_heads)
         ctx.save_for_backward(q, kv, out, lse)
-        ctx.args = (plan, mask, scale, backend)
+        ctx.args = (plan, mask, scale, backend, kv_heads)
         return out, lse
 
     @staticmethod
@@ -155,9 +158,9 @@ class RingAttention(torch.autograd.Function):
         q, kv, out, lse = ctx.saved_tensors
         if dlse is not None and not bool(dlse.any()):
             dlse = None
-        plan, mask, scale, backend = ctx.args
-        dq, dk, dv = ring_backward(plan, dout.contiguous(), q, kv, out, lse, dlse, mask, scale, backend)
-        return dq, dk, dv, None, None, None, None
+        plan, mask, scale, backend, kv_heads = ctx.args
+        dq, dk, dv = ring_backward(plan, dout.contiguous(), q, kv, out, lse, dlse, mask, scale, backend, kv_heads)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def ring_stats(plan: RingPlan, k, heads_fraction: float = 1.0) -> CPStats:

@@ -71,6 +71,13 @@ class HeadExchange:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return self.to_heads(q), self.to_heads(k), self.to_heads(v), k
 
+    def kv_heads(self, hq: int, hkv: int) -> torch.Tensor:
+        """Global index of each K/V head this rank holds after `scatter_heads` (a repeated
+        head keeps its index), for masks that depend on the head (S2)."""
+        rep = self.kv_repeats(hq, hkv)
+        per = hkv * rep // self.degree
+        return torch.div(torch.arange(self.me * per, (self.me + 1) * per), rep, rounding_mode="floor")
+
     def to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H, D] local rows -> [U*T, H/U, D]: every member's rows, this rank's heads."""
         t, h, d = x.shape
@@ -114,7 +121,8 @@ class Ulysses(ContextParallel):
         qh, kh, vh, k = self.exchange.scatter_heads(q, k, v)
         qh, kh, vh = self.sort.rows(qh, kh, vh)
         out, lse = self.sort.back(*kernels.attention(qh, kh, vh, self.mask, q_pos=self.sort.pos, k_pos=self.sort.pos,
-                                                     scale=self.scale, backend=self.backend))
+                                                     scale=self.scale, backend=self.backend,
+                                                     kv_heads=self.exchange.kv_heads(q.shape[1], k.shape[1])))
         lse_rows = self.exchange.lse_to_rows(lse) if with_lse else None
         moved = self.exchange.bytes_moved(q, k)
         self.stats = CPStats([moved] * self.world, [moved] * self.world, [self.total_pairs // self.world] * self.world)

@@ -57,9 +57,11 @@ class USP(ContextParallel):
 
     def compute(self, q, k, v, with_lse=True):
         self.check_inputs(q, k, v)
+        kv_heads = self.exchange.kv_heads(q.shape[1], k.shape[1])
         qh, kh, vh, k = self.exchange.scatter_heads(q, k, v)
         qh, kh, vh = self.sort.rows(qh, kh, vh)
-        out, lse = self.sort.back(*RingAttention.apply(qh, kh, vh, self.plan, self.mask, self.scale, self.backend))
+        out, lse = self.sort.back(*RingAttention.apply(qh, kh, vh, self.plan, self.mask, self.scale, self.backend,
+                                                       kv_heads))
         self.stats = self.plan_stats(q, k, kh)
         lse_rows = self.exchange.lse_to_rows(lse) if with_lse else None
         return self.exchange.to_rows(out), lse_rows
