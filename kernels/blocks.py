@@ -75,39 +75,38 @@ class RowInfo:
         hi = torch.cat([self.cols, self.cols.new_full((pad, _N), -1)]).view(nb, block, _N).max(1).values
         return torch.cat([lo, hi], 1)
 
-    def range_stats(self, a: int, b: int) -> torch.Tensor:
-        """Column mins then maxes of rows [a, b) as a [12] long tensor."""
+    def range_stats(self, a: int, b: int) -> list[int]:
+        """Column mins then maxes of rows [a, b) as 12 Python ints (cheap to classify one
+        tile at a time)."""
         c = self.cols[a:b]
-        return torch.cat([c.min(0).values, c.max(0).values])
+        return torch.cat([c.min(0).values, c.max(0).values]).tolist()
 
     def is_run(self, a: int, b: int) -> bool:
         """True when rows [a, b) are consecutive positions of one document (one run)."""
         return bool(self.run[a] == self.run[b - 1])
 
 
-def bounds(mask: MaskSpec, q_stats: torch.Tensor, k_stats: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def bounds(mask: MaskSpec, q_stats, k_stats) -> dict:
     """(all, some) of every term of the formula over the tiles: `all` is True only where the
-    term holds for every pair of the tile, `some` is False only where it holds for none."""
-    q_lo, q_hi = q_stats[..., :_N].unbind(-1), q_stats[..., _N:].unbind(-1)
-    k_lo, k_hi = k_stats[..., :_N].unbind(-1), k_stats[..., _N:].unbind(-1)
-    shape = torch.broadcast_shapes(q_lo[0].shape, k_lo[0].shape)
-    yes, no = torch.ones(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)
-    (qmin, qdmin, qrmin, qpmin, _, _), (qmax, qdmax, qrmax, qpmax, _, _) = q_lo, q_hi
-    (kmin, kdmin, krmin, kpmin, ksmin, kvmin), (kmax, kdmax, krmax, kpmax, ksmax, kvmax) = k_lo, k_hi
+    term holds for every pair of the tile, `some` is False only where it holds for none.
+    Stats are [..., 12] tensors (a table of tiles) or lists of 12 ints (one tile)."""
+    q = q_stats.unbind(-1) if isinstance(q_stats, torch.Tensor) else q_stats
+    k = k_stats.unbind(-1) if isinstance(k_stats, torch.Tensor) else k_stats
+    (qmin, qdmin, qrmin, qpmin, _, _), (qmax, qdmax, qrmax, qpmax, _, _) = q[:_N], q[_N:]
+    (kmin, kdmin, krmin, kpmin, ksmin, kvmin), (kmax, kdmax, krmax, kpmax, ksmax, kvmax) = k[:_N], k[_N:]
     terms = {}
     if mask.has_docs:
         terms["same"] = ((qdmin == qdmax) & (kdmin == kdmax) & (qdmin == kdmin), (qdmax >= kdmin) & (kdmax >= qdmin))
-    local_all, local_some = yes, yes
+    local_all = local_some = True
     if mask.is_causal:
-        local_all, local_some = local_all & (qmin >= kmax), local_some & (qmax >= kmin)
+        local_all, local_some = qmin >= kmax, qmax >= kmin
     if mask.window is not None:
         local_all, local_some = local_all & ((qmax - kmin) < mask.window), local_some & ((qmin - kmax) < mask.window)
+    terms["local"] = (local_all, local_some)
     if mask.heads is not None:
         b, lb = mask.heads.block, mask.heads.local_blocks
-        near_all = torch.div(qrmax, b, rounding_mode="floor") - torch.div(krmin, b, rounding_mode="floor") < lb
-        near_some = torch.div(qrmin, b, rounding_mode="floor") - torch.div(krmax, b, rounding_mode="floor") < lb
+        near_all, near_some = qrmax // b - krmin // b < lb, qrmin // b - krmax // b < lb
         terms["sparse"] = ((kvmin == 1) | near_all, (kvmax == 1) | near_some)
-    terms["local"] = (local_all, local_some)
     if mask.prefix is not None:
         terms["pre"] = ((qpmin == 1) & (kpmin == 1), (qpmax == 1) & (kpmax == 1))
     if mask.sink is not None:
@@ -115,12 +114,13 @@ def bounds(mask: MaskSpec, q_stats: torch.Tensor, k_stats: torch.Tensor) -> dict
     return terms
 
 
-def classify(mask: MaskSpec, q_stats: torch.Tensor, k_stats: torch.Tensor) -> torch.Tensor:
+def classify(mask: MaskSpec, q_stats, k_stats):
     """Tile kinds (HIDDEN / FULL / PARTIAL) for query and key block statistics.
 
     q_stats [..., 12] and k_stats [..., 12] (see `RowInfo.block_stats`) broadcast against
-    each other, e.g. [nq, 1, 12] with [1, nk, 12] gives the [nq, nk] table of all tiles.
-    Key statistics taken with a `head` classify the tiles of that KV head.
+    each other, e.g. [nq, 1, 12] with [1, nk, 12] gives the [nq, nk] int8 table of all
+    tiles; two lists of 12 ints (`RowInfo.range_stats`) give one kind as an int.  Key
+    statistics taken with a `head` classify the tiles of that KV head.
     """
     terms = bounds(mask, q_stats, k_stats)
     all_, some = terms["local"]
@@ -131,16 +131,20 @@ def classify(mask: MaskSpec, q_stats: torch.Tensor, k_stats: torch.Tensor) -> to
             all_, some = all_ | terms[name][0], some | terms[name][1]
     if "same" in terms:
         all_, some = all_ & terms["same"][0], some & terms["same"][1]
-    kind = torch.full(all_.shape, PARTIAL, dtype=torch.int8)
+    if not isinstance(q_stats, torch.Tensor):
+        return HIDDEN if not some else FULL if all_ else PARTIAL
+    shape = torch.broadcast_shapes(q_stats.shape[:-1], k_stats.shape[:-1])
+    all_, some = (torch.as_tensor(x).expand(shape) for x in (all_, some))
+    kind = torch.full(shape, PARTIAL, dtype=torch.int8)
     kind[all_] = FULL
     kind[~some] = HIDDEN
     return kind
 
 
-def only_local(mask: MaskSpec, q_stats: torch.Tensor, k_stats: torch.Tensor) -> bool:
+def only_local(mask: MaskSpec, q_stats: list[int], k_stats: list[int]) -> bool:
     """True when on this tile the mask is just documents and causal/window: no prefix or
     sink pair, and the head sees every key of the tile at any distance."""
     terms = bounds(mask, q_stats, k_stats)
-    if any(bool(terms[name][1]) for name in ("pre", "snk") if name in terms):
+    if any(terms[name][1] for name in ("pre", "snk") if name in terms):
         return False
     return "sparse" not in terms or bool(terms["sparse"][0])

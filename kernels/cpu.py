@@ -45,6 +45,15 @@ class Tile(NamedTuple):
     kind: int
 
 
+class Plan(list):
+    """The computed tiles, plus the allowed pairs of every MASKED tile (found while planning,
+    kept so the explicit mask is built once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.allowed: dict[Tile, torch.Tensor] = {}
+
+
 class Unit(NamedTuple):
     """One call of the tile loop: the KV heads `kv` (a slice) with their query heads, over
     the keys `keys` (row indices; None: all), for global KV head `head` (None: the mask
@@ -73,15 +82,16 @@ def units(mask: MaskSpec, k_pos: torch.Tensor, num_kv_heads: int, kv_heads) -> l
     return out
 
 
-def plan(mask: MaskSpec, q_pos: torch.Tensor, k_pos: torch.Tensor, head: int | None = None) -> list[Tile]:
+def plan(mask: MaskSpec, q_pos: torch.Tensor, k_pos: torch.Tensor, head: int | None = None) -> Plan:
     """The computed tiles; every allowed (query, key) pair lies in exactly one of them.
     `head`: the global KV head whose tiles these are (masks with `heads`)."""
     qi, ki = RowInfo.of(mask, q_pos), RowInfo.of(mask, k_pos, head)
-    tiles: list[Tile] = []
+    tiles = Plan()
     min_run = MIN_RUN if mask.heads is None else TILE  # compacted keys: runs of one S2 block
+    cut = mask.heads is not None and bool((ki.pos[1:] >= ki.pos[:-1]).all())
     for qa, qb in _start_ranges(qi, MIN_RUN):
         for ka, kb in _start_ranges(ki, min_run):
-            _split(mask, qi, ki, qa, qb, ka, kb, head, tiles)
+            _split(mask, qi, ki, qa, qb, ka, kb, head, tiles, cut)
     return tiles
 
 
@@ -95,32 +105,58 @@ def _start_ranges(info: RowInfo, min_run: int) -> list[tuple[int, int]]:
     return runs if len(runs) * min_run <= n or len(runs) == 1 else [(0, n)]
 
 
-def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, head, tiles: list[Tile]) -> None:
+def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, head, tiles: Plan, cut: bool = False) -> None:
+    """Plan tiles of rows [qa, qb) x [ka, kb); `cut`: keys are in position order, so a
+    partial tile may be cut where the causal diagonal, the window or the S2 band edge
+    crosses it (masks with `heads`, whose compacted keys would else give masked tiles)."""
     qs, ks = qi.range_stats(qa, qb), ki.range_stats(ka, kb)
-    kind = int(classify(mask, qs, ks))
+    kind = classify(mask, qs, ks)
     if kind == HIDDEN:
         return
     if kind == FULL:
         tiles.append(Tile(qa, qb, ka, kb, FULL))
         return
-    window_covers = mask.window is None or int(qs[6] - ks[0]) < mask.window  # max q pos - min k pos
+    window_covers = mask.window is None or qs[6] - ks[0] < mask.window  # max q pos - min k pos
     if window_covers and qi.is_run(qa, qb) and ki.is_run(ka, kb) and only_local(mask, qs, ks):
         # Same document, consecutive positions, only causality is partial: shift the
         # tile so that both sides start at the same position, where is_causal applies.
-        shift = int(qs[0] - ks[0])
+        shift = qs[0] - ks[0]
         if shift > 0:
             tiles.append(Tile(qa, qb, ka, ka + shift, FULL))
             tiles.append(Tile(qa, qb, ka + shift, kb, CAUSAL))
         else:
             tiles.append(Tile(qa - shift, qb, ka, kb, CAUSAL))
         return
+    cuts = _cuts(mask, qs, ki, ka, kb) if cut else []
+    if cuts:
+        for k0, k1 in zip([ka, *cuts], [*cuts, kb]):
+            _split(mask, qi, ki, qa, qb, k0, k1, head, tiles, cut)
+        return
     if qb - qa <= TILE and kb - ka <= TILE:
-        if bool(_allowed(mask, qi.pos[qa:qb], ki.pos[ka:kb], head).any()):  # ranges cannot prove all hidden
+        allowed = _allowed(mask, qi.pos[qa:qb], ki.pos[ka:kb], head)
+        if bool(allowed.any()):  # ranges cannot prove all hidden
             tiles.append(Tile(qa, qb, ka, kb, MASKED))
+            tiles.allowed[tiles[-1]] = allowed
         return
     for q0, q1 in _halves(qa, qb):
         for k0, k1 in _halves(ka, kb):
-            _split(mask, qi, ki, q0, q1, k0, k1, head, tiles)
+            _split(mask, qi, ki, q0, q1, k0, k1, head, tiles, cut)
+
+
+def _cuts(mask, qs: list[int], ki: RowInfo, ka: int, kb: int) -> list[int]:
+    """Key rows strictly inside (ka, kb) where the keys (in position order) cross an edge
+    of the queries summarised by qs: the causal diagonal, the window's start, and, for
+    queries of one document, the S2 band's first block (all queries / some query)."""
+    qmin, qmax, qrmin, qrmax = qs[0], qs[6], qs[2], qs[8]
+    edges = [qmin, qmax + 1]
+    if mask.window is not None:
+        edges += [qmin - mask.window + 1, qmax - mask.window + 2]
+    if qs[1] == qs[7]:
+        b, lb = mask.heads.block, mask.heads.local_blocks
+        start = qmin - qrmin
+        edges += [start + (qrmin // b - lb + 1) * b, start + (qrmax // b - lb + 1) * b]
+    rows = torch.searchsorted(ki.pos[ka:kb].contiguous(), torch.tensor(edges)) + ka
+    return sorted({int(r) for r in rows if ka < int(r) < kb})
 
 
 def _halves(a: int, b: int) -> list[tuple[int, int]]:
@@ -142,11 +178,11 @@ def _bhtd(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 0, 2).unsqueeze(0)
 
 
-def _tile_mask(mask, q_pos, k_pos, t: Tile, head, dtype):
+def _tile_mask(tiles: Plan, t: Tile, dtype):
     """Additive mask for a MASKED tile and the rows of the tile that see no key."""
     if t.kind != MASKED:
         return None, None
-    allowed = _allowed(mask, q_pos[t.q0:t.q1], k_pos[t.k0:t.k1], head)
+    allowed = tiles.allowed[t]
     bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
     return bias.view(1, 1, *allowed.shape), ~allowed.any(1)
 
@@ -170,8 +206,9 @@ def forward(q, k, v, mask, q_pos, k_pos, scale, kv_heads=None):
     parts = []
     for u in units(mask, k_pos, k.shape[1], kv_heads):
         qh, qu, ku, vu, kp = _unit_rows(u, g, q, k, v, k_pos)
-        for t in plan(mask, q_pos, kp, u.head):
-            bias, dead = _tile_mask(mask, q_pos, kp, t, u.head, q.dtype)
+        tiles = plan(mask, q_pos, kp, u.head)
+        for t in tiles:
+            bias, dead = _tile_mask(tiles, t, q.dtype)
             o, lse = _fwd(_bhtd(qu[t.q0:t.q1]), _bhtd(ku[t.k0:t.k1]), _bhtd(vu[t.k0:t.k1]), 0.0,
                           t.kind == CAUSAL, attn_mask=bias, scale=scale)
             o, lse = o[0].permute(1, 0, 2), lse[0]
@@ -201,20 +238,20 @@ def backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse=None, kv_h
         q, k, v = (torch.nn.functional.pad(x, (0, 1)) for x in (q, k, v))
         out = torch.cat([out, -dlse.t().unsqueeze(-1).to(q.dtype)], dim=-1)
         dout = torch.nn.functional.pad(dout, (0, 1), value=1.0)
-    if mask.heads is None:
-        tiles = plan(mask, q_pos, k_pos)
-        if len(tiles) == 1 and (tiles[0].q0, tiles[0].q1, tiles[0].k0, tiles[0].k1) == (0, tq, 0, k.shape[0]):
-            return tuple(x[..., :d] for x in _tile_backward(tiles[0], None, dout, q, k, v, out, lse, mask, q_pos,
-                                                            k_pos, scale))
-    dq = torch.zeros(tq, hq, d, dtype=_acc(q.dtype))
-    dk = torch.zeros(k.shape[0], k.shape[1], d, dtype=_acc(q.dtype))
-    dv = torch.zeros_like(dk)
+    dq = dk = dv = None
     for u in units(mask, k_pos, k.shape[1], kv_heads):
         qh, qu, ku, vu, kp = _unit_rows(u, g, q, k, v, k_pos)
+        tiles = plan(mask, q_pos, kp, u.head)
+        if u.head is None and len(tiles) == 1 and tiles[0][:4] == (0, tq, 0, k.shape[0]):
+            return tuple(x[..., :d] for x in _tile_backward(tiles, tiles[0], dout, q, k, v, out, lse, scale))
+        if dq is None:
+            dq = torch.zeros(tq, hq, d, dtype=_acc(q.dtype))
+            dk = torch.zeros(k.shape[0], k.shape[1], d, dtype=_acc(q.dtype))
+            dv = torch.zeros_like(dk)
         gk_u = torch.zeros(ku.shape[0], ku.shape[1], d, dtype=dk.dtype)
         gv_u = torch.zeros_like(gk_u)
-        for t in plan(mask, q_pos, kp, u.head):
-            gq, gk, gv = _tile_backward(t, u.head, dout[:, qh], qu, ku, vu, out[:, qh], lse[qh], mask, q_pos, kp, scale)
+        for t in tiles:
+            gq, gk, gv = _tile_backward(tiles, t, dout[:, qh], qu, ku, vu, out[:, qh], lse[qh], scale)
             dq[t.q0:t.q1, qh] += gq[..., :d]
             gk_u[t.k0:t.k1] += gk[..., :d]
             gv_u[t.k0:t.k1] += gv[..., :d]
@@ -224,9 +261,9 @@ def backward(dout, q, k, v, out, lse, mask, q_pos, k_pos, scale, dlse=None, kv_h
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _tile_backward(t: Tile, head, dout, q, k, v, out, lse, mask, q_pos, k_pos, scale):
+def _tile_backward(tiles: Plan, t: Tile, dout, q, k, v, out, lse, scale):
     """(dq, dk, dv) of one tile as [T, H, D] views (the op sums dk/dv over each group)."""
-    bias, _ = _tile_mask(mask, q_pos, k_pos, t, head, q.dtype)
+    bias, _ = _tile_mask(tiles, t, q.dtype)
     rows, keys = slice(t.q0, t.q1), slice(t.k0, t.k1)
     grads = _bwd(_bhtd(dout[rows]), _bhtd(q[rows]), _bhtd(k[keys]), _bhtd(v[keys]), _bhtd(out[rows]),
                  lse[:, rows].unsqueeze(0).contiguous(), 0.0, t.kind == CAUSAL, attn_mask=bias, scale=scale)
