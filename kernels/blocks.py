@@ -13,7 +13,7 @@ and skipping never changes a result.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ class RowInfo:
 
     cols: torch.Tensor  # [T, 6] long
     run: torch.Tensor   # [T] long, run index of every row
+    _ranges: dict = field(default_factory=dict, repr=False)  # range_stats already computed
 
     @classmethod
     def of(cls, mask: MaskSpec, pos: torch.Tensor, head: int | None = None) -> "RowInfo":
@@ -78,8 +79,10 @@ class RowInfo:
     def range_stats(self, a: int, b: int) -> list[int]:
         """Column mins then maxes of rows [a, b) as 12 Python ints (cheap to classify one
         tile at a time)."""
-        c = self.cols[a:b]
-        return torch.cat([c.min(0).values, c.max(0).values]).tolist()
+        if (a, b) not in self._ranges:
+            c = self.cols[a:b]
+            self._ranges[a, b] = torch.cat([c.min(0).values, c.max(0).values]).tolist()
+        return self._ranges[a, b]
 
     def is_run(self, a: int, b: int) -> bool:
         """True when rows [a, b) are consecutive positions of one document (one run)."""

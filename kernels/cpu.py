@@ -132,6 +132,11 @@ def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, head, tiles: Plan, cu
         for k0, k1 in zip([ka, *cuts], [*cuts, kb]):
             _split(mask, qi, ki, qa, qb, k0, k1, head, tiles, cut)
         return
+    mid = _block_edge(mask, qi, qa, qb) if cut and qb - qa <= TILE else None
+    if mid is not None:  # queries of one S2 block see whole key blocks: cut instead of masking
+        _split(mask, qi, ki, qa, mid, ka, kb, head, tiles, cut)
+        _split(mask, qi, ki, mid, qb, ka, kb, head, tiles, cut)
+        return
     if qb - qa <= TILE and kb - ka <= TILE:
         allowed = _allowed(mask, qi.pos[qa:qb], ki.pos[ka:kb], head)
         if bool(allowed.any()):  # ranges cannot prove all hidden
@@ -141,6 +146,16 @@ def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, head, tiles: Plan, cu
     for q0, q1 in _halves(qa, qb):
         for k0, k1 in _halves(ka, kb):
             _split(mask, qi, ki, q0, q1, k0, k1, head, tiles, cut)
+
+
+def _block_edge(mask, qi: RowInfo, qa: int, qb: int) -> int | None:
+    """The query row nearest the middle of [qa, qb) where a new S2 block starts (None: the
+    rows lie in one block)."""
+    blocks = qi.cols[qa:qb, 2] // mask.heads.block
+    edges = (blocks[1:] != blocks[:-1]).nonzero().flatten() + 1
+    if edges.numel() == 0:
+        return None
+    return qa + int(edges[(edges - (qb - qa) // 2).abs().argmin()])
 
 
 def _cuts(mask, qs: list[int], ki: RowInfo, ka: int, kb: int) -> list[int]:
