@@ -12,7 +12,10 @@ Masks that depend on the KV head (S2 `heads`) run per KV head (with its G query 
 over two compacted key sets: the keys the head sees at any distance (dense heads: all;
 sparse heads: the blocks on its stride), where the head term is True and the mask is the
 head-free one, and the other keys, which only the local band reaches.  Each set is
-gathered into its own K/V rows, so the op never touches the blocks a head skips.
+gathered into its own K/V rows, so the op never touches the blocks a head skips.  Such
+compacted keys are not runs, so a partial tile is cut where the causal diagonal, the
+window or the band's edge crosses its keys, and at the S2 block edges of its queries
+(one block of queries sees whole key blocks): the tiles come out full or causal.
 
 Backward runs the fused backward op per computed tile with the FINAL out/lse of the
 rows, which is exact because the op forms dS = P * (dP - rowsum(dO * O)) from them.
@@ -132,7 +135,7 @@ def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, head, tiles: Plan, cu
         for k0, k1 in zip([ka, *cuts], [*cuts, kb]):
             _split(mask, qi, ki, qa, qb, k0, k1, head, tiles, cut)
         return
-    mid = _block_edge(mask, qi, qa, qb) if cut and qb - qa <= TILE else None
+    mid = _block_edge(mask, qi, qa, qb) if cut and qb - qa <= TILE and qi.is_run(qa, qb) else None
     if mid is not None:  # queries of one S2 block see whole key blocks: cut instead of masking
         _split(mask, qi, ki, qa, mid, ka, kb, head, tiles, cut)
         _split(mask, qi, ki, mid, qb, ka, kb, head, tiles, cut)

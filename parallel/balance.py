@@ -164,7 +164,9 @@ def pair_counts(mask, q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
 def pair_matrix(mask, index: list[torch.Tensor]) -> list[list[int]]:
     """pairs[r][j]: allowed pairs between rank r's queries and rank j's keys, where `index`
     partitions the positions 0..T-1.  One pass: a running count of every rank's keys
-    ([T+1, P]) turns each query's key intervals into its pairs with every rank."""
+    ([T+1, P]) turns each query's key intervals into its pairs with every rank.  With S2
+    `heads`: pairs some head allows (what decides whether a block travels; an upper bound
+    of the per-head work)."""
     seqlen, world = sum(int(ix.numel()) for ix in index), len(index)
     owner = torch.empty(seqlen, dtype=torch.long)
     for r, ix in enumerate(index):

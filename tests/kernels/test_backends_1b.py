@@ -159,16 +159,17 @@ def test_cpu_matches_reference_float64_on_random_masks(monkeypatch_tiles, case, 
 
 
 def test_cpu_s2_plan_computes_only_what_each_head_needs(monkeypatch_tiles):
-    """S2 with block 8 = the test tile: every computed tile is one whole block pair, so the
-    computed area of each head is its allowed pairs plus the upper halves of its diagonal
-    tiles -- far below the causal triangle's."""
+    """S2 causal: tiles are cut at block edges, so each head computes its allowed pairs
+    plus at most the upper halves of its diagonal blocks -- far below the causal triangle."""
     n, b = 256, 8
     mask = MaskSpec(causal=True, heads=HeadStride(block=b, local_blocks=2, vert_stride=4))
     pos = torch.arange(n)
     allowed = mask.allowed(pos, pos, 4)
     for u in cpu.units(mask, pos, 4, torch.arange(4)):
         keys = pos if u.keys is None else u.keys
-        area = sum((t.q1 - t.q0) * (t.k1 - t.k0) for t in cpu.plan(mask, pos, keys, u.head))
+        tiles = cpu.plan(mask, pos, keys, u.head)
+        assert all(t.kind != cpu.MASKED for t in tiles), "S2 tiles are cut at block edges, never masked"
+        area = sum((t.q1 - t.q0) * (t.k1 - t.k0) for t in tiles)
         pairs = int(allowed[u.head][:, keys].sum())
         assert area <= pairs + (n // b) * b * (b - 1) // 2, f"head {u.head}: {area} computed for {pairs} pairs"
     total = sum(int(allowed[h].sum()) for h in range(4))
