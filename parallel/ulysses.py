@@ -118,11 +118,11 @@ class Ulysses(ContextParallel):
 
     def compute(self, q, k, v, with_lse=True):
         self.check_inputs(q, k, v)
+        kv_heads = self.exchange.kv_heads(q.shape[1], k.shape[1])
         qh, kh, vh, k = self.exchange.scatter_heads(q, k, v)
         qh, kh, vh = self.sort.rows(qh, kh, vh)
         out, lse = self.sort.back(*kernels.attention(qh, kh, vh, self.mask, q_pos=self.sort.pos, k_pos=self.sort.pos,
-                                                     scale=self.scale, backend=self.backend,
-                                                     kv_heads=self.exchange.kv_heads(q.shape[1], k.shape[1])))
+                                                     scale=self.scale, backend=self.backend, kv_heads=kv_heads))
         lse_rows = self.exchange.lse_to_rows(lse) if with_lse else None
         moved = self.exchange.bytes_moved(q, k)
         self.stats = CPStats([moved] * self.world, [moved] * self.world, [self.total_pairs // self.world] * self.world)

@@ -1,9 +1,11 @@
-"""Shared cases for the kernel tests: the mask catalogue, head layouts, random inputs and
-one helper that runs a backend forward + autograd backward through out and lse."""
+"""Shared cases for the kernel tests: the mask catalogue, random masks of every kind
+(hypothesis), head layouts, random inputs and one helper that runs a backend forward +
+autograd backward through out and lse."""
 import torch
+from hypothesis import strategies as st
 
 import kernels
-from kernels import MaskSpec
+from kernels import HeadStride, MaskSpec
 
 T = 40
 DOC_LENS = (13, 20, 7)
@@ -20,6 +22,35 @@ def masks() -> dict[str, MaskSpec]:
         "document+window": MaskSpec(cu_seqlens=cu, window=9),
         "causal+document+window": MaskSpec(causal=True, cu_seqlens=cu, window=9),
     }
+
+
+N_RANDOM = 30
+
+
+@st.composite
+def random_masks(draw, kinds=True):
+    """(mask, (doc_lens, causal, window, prefix, sink, heads, num_kv_heads)) over N_RANDOM
+    positions; with kinds=False only contract 1's kinds.  Head layouts always cover."""
+    cuts = sorted(draw(st.sets(st.integers(1, N_RANDOM - 1), max_size=3)))
+    doc_lens = [b - a for a, b in zip([0] + cuts, cuts + [N_RANDOM])]
+    causal = draw(st.booleans())
+    window = draw(st.one_of(st.none(), st.integers(1, 12)))
+    prefix = sink = heads = None
+    hkv = draw(st.integers(1, 4))
+    if kinds:
+        prefix = draw(st.one_of(st.none(), st.integers(0, min(doc_lens)),
+                                st.tuples(*[st.integers(0, n) for n in doc_lens]).map(list)))
+        if causal or window:
+            sink = draw(st.one_of(st.none(), st.integers(1, 5)))
+        if draw(st.booleans()):
+            stride = draw(st.integers(1, 4))
+            dense = draw(st.integers(0, 2))
+            heads = HeadStride(draw(st.integers(1, 5)), draw(st.integers(0, 3)), stride, dense)
+            hkv = draw(st.integers(max(1, dense) if dense else stride, 5))
+    docs = draw(st.booleans()) or isinstance(prefix, list)
+    spec = dict(causal=causal, window=window, prefix=prefix, sink=sink, heads=heads)
+    mask = MaskSpec.from_doc_lens(doc_lens, **spec) if docs else MaskSpec(**spec)
+    return mask, (doc_lens if docs else [N_RANDOM], causal, window, prefix, sink, heads, hkv)
 
 
 def qkv(tq, tk, hq, hkv, d=16, dtype=torch.float32, seed=0):

@@ -10,8 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 import kernels
 from kernels import HeadStride, MaskSpec, blocks, cpu, flash, triton_attn
-from tests.kernels.cases import DOC_LENS, T, assert_all_close, assert_close, loss_of, qkv, run, weights
-from tests.kernels.test_masks_1b import masks as random_masks
+from tests.kernels.cases import (DOC_LENS, N_RANDOM, T, assert_all_close, assert_close, loss_of, qkv, random_masks, run,
+                                 weights)
 
 BACKENDS = {"cpu": (torch.float64, 1e-10), "triton": (torch.float32, 1e-5)}
 HEADS = {"MHA": (4, 4), "GQA": (4, 2), "MQA": (3, 1)}
@@ -118,16 +118,16 @@ def test_block_backward_over_disjoint_key_halves(backend):
 
 
 def _positions(seed, n):
-    return torch.randperm(30, generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.randperm(N_RANDOM, generator=torch.Generator().manual_seed(seed))[:n]
 
 
 @settings(max_examples=60, deadline=None)
-@given(random_masks(), st.integers(0, 10**6), st.integers(1, 30), st.sampled_from(["chunk", "scattered"]))
+@given(random_masks(), st.integers(0, 10**6), st.integers(1, N_RANDOM), st.sampled_from(["chunk", "scattered"]))
 def test_cpu_plan_covers_every_heads_pairs_once(monkeypatch_tiles, case, seed, n, kind):
     mask, args = case
     hkv = args[-1]
-    q_pos = torch.arange(30 - n, 30) if kind == "chunk" else _positions(seed, n)
-    k_pos = _positions(seed + 1, 30)
+    q_pos = torch.arange(N_RANDOM - n, N_RANDOM) if kind == "chunk" else _positions(seed, n)
+    k_pos = _positions(seed + 1, N_RANDOM)
     allowed = mask.allowed(q_pos, k_pos, hkv) if mask.heads is not None else mask.allowed(q_pos, k_pos).expand(hkv, -1, -1)
     cover = torch.zeros(allowed.shape, dtype=torch.int64)
     for u in cpu.units(mask, k_pos, hkv, torch.arange(hkv)):
@@ -153,8 +153,8 @@ def test_cpu_plan_covers_every_heads_pairs_once(monkeypatch_tiles, case, seed, n
 def test_cpu_matches_reference_float64_on_random_masks(monkeypatch_tiles, case, seed):
     mask, args = case
     hkv = args[-1]
-    q_pos, k_pos = _positions(seed, 17), _positions(seed + 1, 30)
-    q, k, v = qkv(17, 30, 2 * hkv, hkv, d=8, dtype=torch.float64, seed=seed % 1000)
+    q_pos, k_pos = _positions(seed, 17), _positions(seed + 1, N_RANDOM)
+    q, k, v = qkv(17, N_RANDOM, 2 * hkv, hkv, d=8, dtype=torch.float64, seed=seed % 1000)
     assert_all_close(run("cpu", q, k, v, mask, q_pos, k_pos), run("reference", q, k, v, mask, q_pos, k_pos), 1e-10)
 
 

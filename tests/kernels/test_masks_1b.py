@@ -8,8 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import kernels
 from kernels import HeadStride, MaskSpec
-
-N = 30
+from tests.kernels.cases import N_RANDOM as N, random_masks as masks
 
 
 def formula(doc_lens, causal, window, prefix, sink, heads, num_kv_heads):
@@ -33,30 +32,6 @@ def formula(doc_lens, causal, window, prefix, sink, heads, num_kv_heads):
     n = len(doc)
     table = [[[allowed(h, i, j) for j in range(n)] for i in range(n)] for h in range(num_kv_heads)]
     return torch.tensor(table if heads is not None else table[0])
-
-
-@st.composite
-def masks(draw, kinds=True):
-    cuts = sorted(draw(st.sets(st.integers(1, N - 1), max_size=3)))
-    doc_lens = [b - a for a, b in zip([0] + cuts, cuts + [N])]
-    causal = draw(st.booleans())
-    window = draw(st.one_of(st.none(), st.integers(1, 12)))
-    prefix = sink = heads = None
-    hkv = draw(st.integers(1, 4))
-    if kinds:
-        prefix = draw(st.one_of(st.none(), st.integers(0, min(doc_lens)),
-                                st.tuples(*[st.integers(0, n) for n in doc_lens]).map(list)))
-        if causal or window:
-            sink = draw(st.one_of(st.none(), st.integers(1, 5)))
-        if draw(st.booleans()):
-            stride = draw(st.integers(1, 4))
-            dense = draw(st.integers(0, 2))
-            heads = HeadStride(draw(st.integers(1, 5)), draw(st.integers(0, 3)), stride, dense)
-            hkv = draw(st.integers(max(1, dense) if dense else stride, 5))
-    docs = draw(st.booleans()) or isinstance(prefix, list)
-    spec = dict(causal=causal, window=window, prefix=prefix, sink=sink, heads=heads)
-    mask = MaskSpec.from_doc_lens(doc_lens, **spec) if docs else MaskSpec(**spec)
-    return mask, (doc_lens if docs else [N], causal, window, prefix, sink, heads, hkv)
 
 
 def _rows(draw_perm, n):

@@ -9,7 +9,7 @@ import parallel
 from kernels import HeadStride, MaskSpec
 from parallel import balance
 from tests.distributed import run_ranks
-from tests.kernels.test_masks_1b import N, masks as random_masks
+from tests.kernels.cases import N_RANDOM as N, random_masks
 from tests.parallel.cases import DOC_LENS, check, inputs, reference, run_strategy
 
 T = 64
@@ -75,6 +75,7 @@ def test_two_ranks_every_strategy_on_the_new_masks():
 
 def _four_ranks(rank, world):
     configs = [("usp", {"ulysses_degree": 2}, ["per_doc"], ["s2+documents+prefix+sink"]),
+               ("ulysses", {}, ["contiguous"], ["s2"]),
                ("ring", {}, ["headtail"], ["prefix"])]
     return _matrix(rank, world, configs), _ring_bytes()
 
@@ -99,7 +100,8 @@ RING_MASKS = {
 
 
 def test_four_ranks_hybrid_grid_and_ring_reach():
-    """usp 2x2: each ring holds half of the K/V heads (kv_heads passed to every block).
+    """usp 2x2: each ring holds half of the K/V heads (kv_heads passed to every block);
+    ulysses over 4 ranks with Hkv=2 repeats each K/V head on two ranks, which keep its index.
 
     Ring bytes, shards of 16 rows, one K/V block = 2 * 16 rows * 2 heads * 8 dims * 8 bytes:
     window 8 < 16, each block goes one hop; with sinks block 0 goes on to every rank (ranks
@@ -107,7 +109,7 @@ def test_four_ranks_hybrid_grid_and_ring_reach():
     into block 1 from block 0's queries, so block 1 travels the whole ring (ranks 1, 2 and
     3 pass it on)."""
     names, stats = run_ranks(_four_ranks, 4)[0]
-    assert len(names) == 2 * 2 * 2
+    assert len(names) == 3 * 2 * 2
     block = 2 * 16 * 2 * 8 * 8
     assert stats["window"][0] == [block, block, block, 0]
     assert stats["window+sink"][0] == [block, 2 * block, 2 * block, 0]
