@@ -13,6 +13,7 @@ and skipping never changes a result.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,15 @@ class RowInfo:
     def pos(self) -> torch.Tensor:
         return self.cols[:, 0]
 
+    @functools.cached_property
+    def pos_list(self) -> list[int]:
+        """Positions as Python ints (binary search, one tile at a time)."""
+        return self.pos.tolist()
+
+    @functools.cached_property
+    def run_list(self) -> list[int]:
+        return self.run.tolist()
+
     @property
     def doc(self) -> torch.Tensor:
         return self.cols[:, 1]
@@ -86,7 +96,7 @@ class RowInfo:
 
     def is_run(self, a: int, b: int) -> bool:
         """True when rows [a, b) are consecutive positions of one document (one run)."""
-        return bool(self.run[a] == self.run[b - 1])
+        return self.run_list[a] == self.run_list[b - 1]
 
 
 def bounds(mask: MaskSpec, q_stats, k_stats) -> dict:

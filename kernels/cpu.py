@@ -25,6 +25,7 @@ Both ops map query head h to kv head h // G themselves (GQA/MQA without repeatin
 """
 from __future__ import annotations
 
+import bisect
 from typing import NamedTuple
 
 import torch
@@ -135,7 +136,7 @@ def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, head, tiles: Plan, cu
         for k0, k1 in zip([ka, *cuts], [*cuts, kb]):
             _split(mask, qi, ki, qa, qb, k0, k1, head, tiles, cut)
         return
-    mid = _block_edge(mask, qi, qa, qb) if cut and qb - qa <= TILE and qi.is_run(qa, qb) else None
+    mid = _block_edge(mask, qs, qa, qb) if cut and qb - qa <= TILE and qi.is_run(qa, qb) else None
     if mid is not None:  # queries of one S2 block see whole key blocks: cut instead of masking
         _split(mask, qi, ki, qa, mid, ka, kb, head, tiles, cut)
         _split(mask, qi, ki, mid, qb, ka, kb, head, tiles, cut)
@@ -151,14 +152,16 @@ def _split(mask, qi: RowInfo, ki: RowInfo, qa, qb, ka, kb, head, tiles: Plan, cu
             _split(mask, qi, ki, q0, q1, k0, k1, head, tiles, cut)
 
 
-def _block_edge(mask, qi: RowInfo, qa: int, qb: int) -> int | None:
-    """The query row nearest the middle of [qa, qb) where a new S2 block starts (None: the
-    rows lie in one block)."""
-    blocks = qi.cols[qa:qb, 2] // mask.heads.block
-    edges = (blocks[1:] != blocks[:-1]).nonzero().flatten() + 1
-    if edges.numel() == 0:
+def _block_edge(mask, qs: list[int], qa: int, qb: int) -> int | None:
+    """For query rows [qa, qb) that are one run: the row nearest the middle where a new S2
+    block starts (None: the rows lie in one block)."""
+    b, n = mask.heads.block, qb - qa
+    first = (-qs[2]) % b or b  # rows from qa to the first block start after it (qs[2]: its r)
+    if first >= n:
         return None
-    return qa + int(edges[(edges - (qb - qa) // 2).abs().argmin()])
+    j = max(0, (n // 2 - first) // b)
+    starts = [first + i * b for i in (j, j + 1) if first + i * b < n]
+    return qa + min(starts, key=lambda r: abs(r - n // 2))
 
 
 def _cuts(mask, qs: list[int], ki: RowInfo, ka: int, kb: int) -> list[int]:
@@ -173,8 +176,8 @@ def _cuts(mask, qs: list[int], ki: RowInfo, ka: int, kb: int) -> list[int]:
         b, lb = mask.heads.block, mask.heads.local_blocks
         start = qmin - qrmin
         edges += [start + (qrmin // b - lb + 1) * b, start + (qrmax // b - lb + 1) * b]
-    rows = torch.searchsorted(ki.pos[ka:kb].contiguous(), torch.tensor(edges)) + ka
-    return sorted({int(r) for r in rows if ka < int(r) < kb})
+    rows = {bisect.bisect_left(ki.pos_list, e, ka, kb) for e in edges}
+    return sorted(r for r in rows if ka < r < kb)
 
 
 def _halves(a: int, b: int) -> list[tuple[int, int]]:
