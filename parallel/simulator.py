@@ -26,6 +26,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 
 from .costmodel import Layout, attention_flops, bytes_sent
+from .perf.workload import fill
 
 
 @dataclass(frozen=True)
@@ -207,15 +208,7 @@ LLAMA3_8B = ModelShape(params=8.0e9, layers=32, hq=32, hkv=8, head_dim=128)
 def pack(doc_lens, tokens: int, count: int, rng) -> list[list[int]]:
     """`count` sequences of exactly `tokens` tokens, documents drawn from `doc_lens` in random
     order and cut at the sequence end (how packed pretraining batches are built)."""
-    seqs = []
-    for _ in range(count):
-        lens, left = [], tokens
-        while left:
-            n = min(int(doc_lens[rng.integers(len(doc_lens))]), left)
-            lens.append(n)
-            left -= n
-        seqs.append(lens)
-    return seqs
+    return [fill(tokens, lambda: int(doc_lens[rng.integers(len(doc_lens))])) for _ in range(count)]
 
 
 def doc_pairs(lens) -> float:

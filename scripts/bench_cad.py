@@ -1,7 +1,7 @@
 """Benchmark the CAD planner on realistic document mixes (a measurement, not a test).
 
-Batches are packed from document lengths in a JSON list (default: ProLong's, at
-../shared/data/doclens_prolong.json relative to the repository), with long documents
+Batches are packed from document lengths in a JSON list (--doclens, else $LONGCTX_DOCLENS,
+else the ProLong mix shipped in the package), with long documents
 upsampled as long-context training does (documents of at least --long tokens drawn
 --upsample times as often).  For every (ranks, tokens per rank) it prints the attention
 cost max/mean of plain packing (each rank computes its own queries), of per-document
@@ -18,28 +18,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 import time
-from pathlib import Path
 
 from parallel.cad import MaskKind, plan
 from parallel.cad.tasks import row_pairs
-
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DOCLENS = REPO.parent / "shared" / "data" / "doclens_prolong.json"
+from parallel.perf.workload import doclens_path, fill, load_doclens
 
 
 def sample_batch(lens, total, rng, long, upsample):
     """Packed document lengths summing to `total`; documents >= long drawn `upsample`x as often;
     a document longer than what is left of the batch is cut to fit (as a data loader does)."""
     cum = list(itertools.accumulate(upsample if n >= long else 1 for n in lens))
-    out, left = [], total
-    while left > 0:
-        n = min(rng.choices(lens, cum_weights=cum)[0], left)
-        out.append(n)
-        left -= n
-    return out
+    return fill(total, lambda: rng.choices(lens, cum_weights=cum)[0])
 
 
 def headtail_pairs(doc_lens, world, kind):
@@ -117,7 +108,8 @@ def real(world, seqlen, repeats, backend):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--doclens", type=Path, default=DEFAULT_DOCLENS)
+    ap.add_argument("--doclens", help="document-length JSON list (default: $LONGCTX_DOCLENS, else the packaged "
+                                      "ProLong mix)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 64])
     ap.add_argument("--tokens-per-rank", type=int, nargs="+", default=[32768, 131072, 524288])
     ap.add_argument("--long", type=int, default=32768, help="documents at least this long are upsampled")
@@ -133,10 +125,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.real:
         return real(args.real, args.seqlen, 3, args.backend)
-    lens = json.loads(args.doclens.read_text())
+    lens, source = load_doclens(args.doclens), doclens_path(args.doclens, "--doclens")[0].name
     kind = MaskKind(causal=True, window=args.window)
     gib = 2 ** 30
-    print(f"mask: document+{'window=%d' % args.window if args.window else 'causal'}; docs from {args.doclens.name}, "
+    print(f"mask: document+{'window=%d' % args.window if args.window else 'causal'}; docs from {source}, "
           f">= {args.long} tokens upsampled x{args.upsample}; epsilon={args.epsilon}")
     print("| ranks | tokens/rank | docs | long-doc token share | packing max/mean | per-doc head-tail max/mean "
           "| CAD max/mean (pairs) | CAD max/mean (cost) | packing GiB in/rank max | CAD GiB in/rank max (mean) "

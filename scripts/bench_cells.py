@@ -7,44 +7,29 @@ what the JSONL resume logic matches on, so re-running the same matrix skips fini
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 
 from kernels import MaskSpec
+from parallel.perf.workload import fill, load_doclens
 
 MASK_KINDS = ("causal", "document", "window", "document+window", "full")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_doc_lens(path: str) -> list[int]:
-    """Document-length distribution: a JSON list of ints (path relative to the repo root;
-    the LONGCTX_DOCLENS environment variable overrides it, e.g. in a git worktree)."""
-    path = os.environ.get("LONGCTX_DOCLENS", path)
-    full = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
-    if not os.path.exists(full):
-        raise ValueError(f"docs.file={path!r} not found (looked at {full}); point docs.file at a JSON list "
-                         "of document lengths or set docs.fixed_len")
-    with open(full) as f:
-        return [int(x) for x in json.load(f)]
-
-
-def sample_doc_lens(seqlen: int, docs: dict, seed: int) -> list[int]:
+def sample_doc_lens(seqlen: int, docs: dict, seed: int, setting: str = "docs.file") -> list[int]:
     """Pack documents drawn from the distribution until seqlen tokens; the last one is cut.
 
-    docs: {"fixed_len": n} for equal documents, else {"file": path} sampled with `seed`.
+    docs: {"fixed_len": n} for equal documents, else {"file": path or None} sampled with
+    `seed` (`parallel.perf.workload.load_doclens`: None is $LONGCTX_DOCLENS or the packaged
+    default; `setting` is what errors call the file).
     """
     if docs.get("fixed_len"):
         n = int(docs["fixed_len"])
         return [n] * (seqlen // n) + ([seqlen % n] if seqlen % n else [])
-    pool = load_doc_lens(docs["file"])
+    pool = load_doclens(docs.get("file"), setting)
     rng = random.Random(seed)
-    lens, left = [], seqlen
-    while left > 0:
-        n = min(max(rng.choice(pool), 1), left)
-        lens.append(n)
-        left -= n
-    return lens
+    return fill(seqlen, lambda: rng.choice(pool))
 
 
 def make_mask(cell: dict) -> MaskSpec:

@@ -11,8 +11,6 @@ probe the worker records (`link_bw`, `link_lat`); then it predicts every P-rank 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from dataclasses import replace
 
 from parallel.auto import parse_choice
@@ -22,10 +20,9 @@ from parallel.costmodel import (
 )
 from parallel.simulator import (H200, H800, LLAMA3_8B, PRESETS, Hardware, predict, save_hardware, straggle,
                                 throughput)
-from scripts.bench_cells import REPO_ROOT, make_mask
+from parallel.perf.workload import load_doclens
+from scripts.bench_cells import make_mask, sample_doc_lens
 from scripts.bench_report import load_records
-
-DOCLENS = os.environ.get("LONGCTX_DOCLENS", os.path.join(REPO_ROOT, "..", "shared", "data", "doclens_prolong.json"))
 
 
 def ring_flash_attention_check() -> list[dict]:
@@ -47,13 +44,11 @@ def ring_flash_attention_check() -> list[dict]:
     return rows
 
 
-def distca_check(steps: int = 10) -> list[dict]:
+def distca_check(docs: list[int], steps: int = 10) -> list[dict]:
     """DistCA (arXiv 2510.18121): up to 1.35x end-to-end throughput over WLB-ideal per-document
     CP on 512 H200 GPUs at 512K tokens.  Modelled as Llama-3-8B, TP=8 inside a node, one
     512K packed sequence (ProLong document lengths) per DP replica, each side at its best CP
     degree in {1, 2, 4, 8, 16}."""
-    with open(DOCLENS) as f:
-        docs = json.load(f)
     rows = []
     for gpus, tokens in ((512, 512 * 1024), (512, 256 * 1024), (128, 128 * 1024)):
         for hidden in (0.0, 1.0):
@@ -68,9 +63,10 @@ def distca_check(steps: int = 10) -> list[dict]:
     return rows
 
 
-def validate(_args) -> None:
+def validate(args) -> None:
+    docs = load_doclens(args.doclens)
     print("| case | published | simulated | error |\n|---|---|---|---|")
-    for r in ring_flash_attention_check() + distca_check():
+    for r in ring_flash_attention_check() + distca_check(docs):
         pub = r["published"]
         err = f"{(r['simulated'] - pub) / pub:+.1%}" if pub else "-"
         print(f"| {r['case']} | {pub if pub else '-'} | {r['simulated']:.3f} | {err} |")
@@ -99,9 +95,7 @@ def predict_cmd(args) -> None:
 
 def straggle_cmd(args) -> None:
     """DP / PP straggling from document-length imbalance, per way of placing attention."""
-    from scripts.bench_cells import load_doc_lens
-
-    docs = load_doc_lens(args.doclens or DOCLENS)
+    docs = load_doclens(args.doclens)
     hw = PRESETS[args.hardware]
     print(f"Llama-3-8B shape, {args.gpus} x {hw.name}, tp={args.tp} cp={args.cp} pp={args.pp}, "
           f"{args.microbatches} microbatches of {args.tokens} tokens per replica, mean of {args.steps} sampled batches\n")
@@ -117,9 +111,7 @@ def straggle_cmd(args) -> None:
 def _docs(args):
     if "document" not in args.mask:
         return None
-    from scripts.bench_cells import sample_doc_lens
-
-    return sample_doc_lens(args.seqlen, {"file": DOCLENS}, 0)
+    return sample_doc_lens(args.seqlen, {"file": args.doclens}, 0, setting="--doclens")
 
 
 def _share(records: list[dict], world: int) -> tuple[float, float]:
@@ -290,7 +282,10 @@ def calibrate(args) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("validate").set_defaults(fn=validate)
+    doclens = dict(help="document-length JSON list (default: $LONGCTX_DOCLENS, else the packaged ProLong mix)")
+    v = sub.add_parser("validate")
+    v.add_argument("--doclens", **doclens)
+    v.set_defaults(fn=validate)
     p = sub.add_parser("predict")
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=131072)
@@ -300,6 +295,7 @@ def main(argv=None) -> None:
     p.add_argument("--hq", type=int, default=32)
     p.add_argument("--hkv", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--doclens", **doclens)
     p.set_defaults(fn=predict_cmd)
     s = sub.add_parser("straggle", help="DP/PP straggling from document-length imbalance (per_doc_cp, wlb, cad)")
     s.add_argument("--gpus", type=int, default=256)
@@ -311,7 +307,7 @@ def main(argv=None) -> None:
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--hardware", choices=sorted(PRESETS), default="h100")
-    s.add_argument("--doclens", help="document-length JSON (default: ../shared/data/doclens_prolong.json)")
+    s.add_argument("--doclens", **doclens)
     s.set_defaults(fn=straggle_cmd)
     c = sub.add_parser("calibrate")
     c.add_argument("jsonl")
