@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .. import base
+from ..perf.predict import collective, compute_s
 from . import intervals as iv
 from .dispatch import Route, exchange, layout
 from .pingpong import PingPong, nano_batches
@@ -139,6 +140,17 @@ class CAD(base.ContextParallel):
             "pairs_imbalance_before": p.imbalance(p.pairs_before), "cost_imbalance_after": p.imbalance(p.cost_after),
             "planner_s": p.planning_s, "attention_fwd_s": seconds, "tasks": len(p.tasks),
         })
+
+    @classmethod
+    def cost_time(cls, pairs, lay, hw, *, epsilon: float = 0.0, **_):
+        """Every server computes (total pairs / P) * (1 + epsilon); ping-pong hides the
+        shipping of Q/K/V/out behind compute."""
+        p = len(pairs)
+        loc = lay.seqlen // p
+        ship = (p - 1) / p * loc * (2 * lay.hq + 2 * lay.hkv) * lay.head_dim * lay.elem_bytes
+        bal = sum(pairs) / p * (1 + epsilon)
+        return (max(compute_s(bal, lay.hq, lay, hw, False), collective(ship, p, hw)) + hw.call_overhead,
+                max(compute_s(bal, lay.hq, lay, hw, True), collective(ship, p, hw)) + hw.call_overhead)
 
     def unshard(self, x_local):
         """Differentiable gather of every rank's rows: an all-to-all sending all rows to every rank."""

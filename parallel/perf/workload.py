@@ -1,4 +1,5 @@
-"""What a workload is made of: document lengths and the sequences they are packed into.
+"""What a workload is made of: document lengths, the sequences they are packed into, and
+the mask of a benchmark cell.
 
 Document lengths come from a JSON list of positive ints.  Every command that needs them
 (`data=synthetic`, `scripts.bench_cp`, `scripts.simulate_cp`, `scripts/bench_cad.py`)
@@ -12,6 +13,9 @@ import json
 import os
 from pathlib import Path
 
+from kernels import MaskSpec
+
+MASK_KINDS = ("causal", "document", "window", "document+window", "full")
 DOCLENS_ENV = "LONGCTX_DOCLENS"
 PACKAGED_DOCLENS = Path(__file__).with_name("doclens_prolong.json")
 
@@ -54,3 +58,15 @@ def fill(tokens: int, draw) -> list[int]:
         lens.append(n)
         left -= n
     return lens
+
+
+def make_mask(cell: dict) -> MaskSpec:
+    """The mask of a benchmark cell or record: its `mask` kind over `seqlen` tokens, with its
+    `window` and `doc_lens` where the kind has them ("window" is a sliding window alone)."""
+    kind = cell["mask"]
+    if kind not in MASK_KINDS:
+        raise ValueError(f"mask={kind!r} is unknown; choose one of {', '.join(MASK_KINDS)}")
+    window = cell["window"] if "window" in kind else None
+    if "document" in kind:
+        return MaskSpec.from_doc_lens(cell["doc_lens"], causal=True, window=window)
+    return MaskSpec(causal=kind != "full", window=window)

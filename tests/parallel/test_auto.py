@@ -5,8 +5,9 @@ import torch
 import kernels
 import parallel
 from kernels import MaskSpec
-from parallel.auto import CPU, Auto, candidates, predicted_time
-from parallel.costmodel import Layout
+from parallel.auto import Auto, candidates, predicted_time
+from parallel.perf.cost import Layout
+from parallel.perf.hardware import CPU
 from tests.distributed import run_ranks
 
 
@@ -14,7 +15,7 @@ def test_choice_is_the_predicted_minimum_and_balances_causal():
     mask, seqlen, world = MaskSpec(causal=True), 4096, 4
     lay = Layout(seqlen, 8, 8, 64)
     scored = {(s, b): predicted_time(s, b, o, mask, seqlen, world, lay, CPU)
-              for s, b, o in candidates(["ring", "allgather", "ulysses"], world, mask)}
+              for s, b, o in candidates(["ring", "allgather", "ulysses"], world, mask, lay)}
     assert scored[("ring", "headtail")] < scored[("ring", "contiguous")]
     assert set(scored) >= {("ring", "headtail"), ("ring", "contiguous"), ("allgather", None), ("ulysses", None)}
 

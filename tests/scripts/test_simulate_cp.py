@@ -3,10 +3,9 @@ import json
 
 import pytest
 
-from parallel.auto import resolve_hardware
-from parallel.costmodel import attention_flops
-from parallel.simulator import H100, load_hardware, save_hardware
-from scripts.simulate_cp import compare, fit_cpu_profile
+from parallel.perf.calibrate import compare, fit_cpu_profile
+from parallel.perf.cost import attention_flops
+from parallel.perf.hardware import H100, load_hardware, resolve_hardware, save_hardware
 
 
 def _kernel(seqlen, fwd_s, bwd_s, **kw):

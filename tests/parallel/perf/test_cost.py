@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from kernels import MaskSpec
-from parallel.costmodel import (
-    Layout, balancer_rows, bytes_sent, imbalance, keys_per_query, mask_keys, memory_per_rank, pairs_per_rank, ring_reach,
+from parallel.balance import imbalance
+from parallel.perf.cost import (
+    Layout, balancer_rows, bytes_sent, keys_per_query, mask_keys, memory_per_rank, pairs_per_rank, ring_reach,
 )
 from parallel.ring import RingPlan
-from parallel.simulator import H100, predict
+from parallel.perf.hardware import H100
+from parallel.perf.predict import predict
 
 MASKS = [
     MaskSpec(causal=True),
@@ -81,7 +83,7 @@ def test_simulator_prefers_balanced_ring_and_scales_with_work():
 
 
 def test_kernel_rows_count_how_the_cpu_backend_cuts_each_rank():
-    from parallel.costmodel import kernel_rows
+    from parallel.perf.cost import kernel_rows
 
     seqlen, world = 512, 2
     causal = MaskSpec(causal=True)
