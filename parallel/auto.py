@@ -20,7 +20,7 @@ import torch
 from . import STRATEGIES, balance, build
 from .base import ContextParallel
 from .comm import group_layout
-from .perf.cost import Layout, kernel_rows, mask_keys, pairs_per_rank, strategy_class
+from .perf.cost import Layout, has_hook, kernel_rows, mask_keys, pairs_per_rank, strategy_class
 from .perf.hardware import Hardware, resolve_hardware
 from .perf.predict import predict
 
@@ -64,7 +64,9 @@ def predicted_time(strategy, balancer, options, mask, seqlen, world, lay: Layout
     pairs = pairs_per_rank(mask_keys(mask, seqlen), rows)
     if lay.hq % strategy_class(strategy).head_split(world, options):
         return float("inf")  # heads cannot be split that way
-    cut = kernel_rows(strategy, mask, seqlen, rows, **options) if hw.tiled else None  # tile-based kernel (cpu)
+    # a tile-based kernel (cpu) is also priced by how each strategy cuts its calls, where it says
+    cut = kernel_rows(strategy, mask, seqlen, rows, **options) if hw.tiled and has_hook(strategy, "cost_kernel_cut") \
+        else None
     return predict(strategy, pairs, lay, hw, kernel_rows=cut, **options)["total_s"]
 
 

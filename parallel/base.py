@@ -76,13 +76,12 @@ class ContextParallel:
         if not isinstance(seqlen, int) or isinstance(seqlen, bool) or seqlen < 1:
             raise ValueError(f"seqlen={seqlen!r} must be a positive integer")
         name = balance.default_balancer(mask) if balancer is None and not single else balancer or "contiguous"
+        group = self.cp_group(group, mesh)
         if name not in balancers:
             raise ValueError(
                 f"balancer={name!r} is not supported by strategy {self.name!r}; choose one of {', '.join(balancers)}"
             )
         self.mask, self.seqlen, self.balancer = mask, seqlen, name
-        if group is None and mesh is not None:
-            group = mesh.cp_group if hasattr(mesh, "cp_group") else mesh.get_group()
         self.rank, self.world, self.ranks = (0, 1, [0]) if single else group_layout(group)
         self.group = group
         if self.world > 1 and group is None:
@@ -94,6 +93,14 @@ class ContextParallel:
         self.index = self.indices[self.rank]
         self.backend = options.pop("backend", "auto")
         self.scale = options.pop("scale", None)
+
+    @staticmethod
+    def cp_group(group, mesh):
+        """The CP group: `group`, else the one of `mesh` (a `groups.ParallelGroups` or a 1-D
+        DeviceMesh), else None (the world)."""
+        if group is None and mesh is not None:
+            return mesh.cp_group if hasattr(mesh, "cp_group") else mesh.get_group()
+        return group
 
     @classmethod
     def _no_model(cls, what: str):

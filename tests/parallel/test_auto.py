@@ -64,3 +64,34 @@ def test_choice_strings_round_trip():
     assert parse_choice(text) == ("usp", None, {"ulysses_degree": "2", "ring_degree": "4"})
     assert parse_choice(format_choice("ring", "headtail", {})) == ("ring", "headtail", {})
     assert parse_choice("") is None and parse_choice("ring") is None and parse_choice("ring/headtail/x") is None
+
+
+def _lse_on_ranks(rank, world):
+    torch.manual_seed(0)
+    t, hq, hkv, d = 32, 4, 2, 8
+    mask = MaskSpec.from_doc_lens([12, 20], causal=True)
+    q, k, v, dout = (torch.randn(t, h, d, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
+    dlse = torch.randn(hq, t, dtype=torch.float64)
+    qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
+    ref, ref_lse = kernels.attention(qr, kr, vr, mask)
+    ((ref * dout).sum() + (ref_lse * dlse).sum()).backward()
+    lay = Layout(t, hq, hkv, d)
+    chosen = []
+    for name, extra in [(n, {}) for n in ("ring", "allgather", "ulysses", "usp", "cad")] + [("cad", {"pingpong": True})]:
+        if not candidates([name], world, mask, lay):
+            continue  # no setting on this many ranks (usp needs both degrees above 1)
+        cp = parallel.build("auto", mask, t, num_heads=hq, num_kv_heads=hkv, head_dim=d, candidates=[name], **extra)
+        ql, kl, vl = (cp.shard(x).clone().requires_grad_(True) for x in (q, k, v))
+        out, lse = cp.attention_with_lse(ql, kl, vl)
+        assert torch.allclose(out, cp.shard(ref.detach()), atol=1e-10), name
+        assert torch.allclose(lse, ref_lse.detach()[:, cp.positions], atol=1e-10), name
+        ((out * cp.shard(dout)).sum() + (lse * dlse[:, cp.positions]).sum()).backward()
+        for mine, full in ((ql, qr), (kl, kr), (vl, vr)):
+            assert torch.allclose(mine.grad, cp.shard(full.grad), atol=1e-10), name
+        chosen.append(cp.choice.split("/")[0] + ("+pingpong" if extra else ""))
+    return chosen
+
+
+def test_auto_returns_out_and_lse_for_every_candidate():
+    chosen = run_ranks(_lse_on_ranks, 2)
+    assert chosen[0] == chosen[1] == ["ring", "allgather", "ulysses", "cad", "cad+pingpong"]
