@@ -4,8 +4,10 @@ Every candidate's step time is predicted by the cost model from the mask alone -
 attention pairs per rank under its balancer, exact bytes per rank, a `Hardware` profile
 (`parallel.perf.hardware` presets, or "cpu" measured on gloo) -- and the fastest one is built
 and delegated to.  The prediction uses only arguments every rank holds, so all ranks pick
-the same strategy without a collective.  The choice and its predicted time are logged and
-kept in `stats.extra` (`auto_choice`, `auto_predicted_s`).  Options: num_heads, num_kv_heads,
+the same strategy without a collective.  The decision is cached per (mask kind, seqlen,
+world, head layout, hardware, log2 histogram of document lengths), so building auto every
+step searches and logs once per new key; the choice and its predicted time are kept in
+`stats.extra` (`auto_choice`, `auto_predicted_s`).  Options: num_heads, num_kv_heads,
 head_dim (required: communication depends on them), hardware (a preset name or a
 `Hardware`; default h100 with CUDA, else the measured "cpu" profile), elem_bytes,
 candidates (strategy names); the rest goes to the chosen strategy.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections import Counter
 
 import torch
 
@@ -70,6 +73,36 @@ def predicted_time(strategy, balancer, options, mask, seqlen, world, lay: Layout
     return predict(strategy, pairs, lay, hw, kernel_rows=cut, **options)["total_s"]
 
 
+def doc_histogram(mask) -> tuple[tuple[int, int], ...]:
+    """Document lengths bucketed by powers of two ((bucket, count) pairs; () without documents):
+    masks with the same histogram get the same decision."""
+    if not mask.has_docs:
+        return ()
+    return tuple(sorted(Counter(int(n).bit_length() for n in mask.doc_lens).items()))
+
+
+_DECISIONS: dict = {}  # decision key -> (scored candidates, best); bounded, oldest dropped first
+_MAX_DECISIONS = 4096
+
+
+def decide(names, world: int, mask, seqlen: int, lay: Layout, hw: Hardware, balancer=None):
+    """(scored candidates, the fastest) for this mask kind, seqlen, world, layout, hardware and
+    document-length histogram; the search runs and the choice is logged once per such key."""
+    key = (tuple(names), world, bool(mask.is_causal), mask.window, doc_histogram(mask), seqlen, lay, hw, balancer)
+    if key not in _DECISIONS:
+        scored = [(predicted_time(strategy, bal, extra, mask, seqlen, world, lay, hw), strategy, bal, extra)
+                  for strategy, bal, extra in candidates(names, world, mask, lay, balancer)]
+        if not scored:
+            raise ValueError(f"auto: none of the candidates {list(names)} is available in this build")
+        best = min(scored, key=lambda s: s[0])
+        log.info("parallel=auto chose %s for %d tokens on %d ranks (predicted %.4g s fwd+bwd on %s)",
+                 format_choice(*best[1:]), seqlen, world, best[0], hw.name)
+        if len(_DECISIONS) >= _MAX_DECISIONS:
+            _DECISIONS.pop(next(iter(_DECISIONS)))
+        _DECISIONS[key] = scored, best
+    return _DECISIONS[key]
+
+
 class Auto(ContextParallel):
     """Build-time choice among candidate strategies; everything else is the chosen one's."""
 
@@ -92,20 +125,15 @@ class Auto(ContextParallel):
         hw = resolve_hardware(options.pop("hardware", "h100" if on_gpu else "cpu"), "parallel=auto hardware")
         names = options.pop("candidates", DEFAULT_CANDIDATES)
         elem = options.pop("elem_bytes", 2 if on_gpu else 4)  # bf16 on GPU, float32 on CPU
-        _, world, _ = group_layout(group)
-        lay = Layout(seqlen, hq, hkv, d, elem)
-        scored = [(predicted_time(strategy, bal, extra, mask, seqlen, world, lay, hw), strategy, bal, extra)
-                  for strategy, bal, extra in candidates(names, world, mask, lay, balancer)]
-        if not scored:
-            raise ValueError(f"auto: none of the candidates {list(names)} is available in this build")
-        t, strategy, bal, extra = min(scored, key=lambda s: s[0])
+        _, world, _ = group_layout(self.cp_group(group, mesh))
+        scored, (t, strategy, bal, extra) = decide(names, world, mask, seqlen, Layout(seqlen, hq, hkv, d, elem), hw,
+                                                   balancer)
         self.inner = build(strategy, mask, seqlen, group=group, mesh=mesh, balancer=bal, **extra, **options)
         # the balancer actually used (None above means the strategy's default for this mask)
         self.balancer = getattr(self.inner, "balancer", None) or bal
         self.choice = format_choice(strategy, self.balancer, extra)
         self.predicted_s = t
         self.scores = {format_choice(s, b, e): p for p, s, b, e in scored}
-        log.info("parallel=auto chose %s (predicted %.4g s fwd+bwd on %s)", self.choice, t, hw.name)
         self.mask, self.seqlen = mask, seqlen
         for attr in ("rank", "world", "index", "indices", "group"):
             setattr(self, attr, getattr(self.inner, attr, None))

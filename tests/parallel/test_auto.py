@@ -95,3 +95,29 @@ def _lse_on_ranks(rank, world):
 def test_auto_returns_out_and_lse_for_every_candidate():
     chosen = run_ranks(_lse_on_ranks, 2)
     assert chosen[0] == chosen[1] == ["ring", "allgather", "ulysses", "cad", "cad+pingpong"]
+
+
+def test_decision_is_cached_per_shape_and_document_histogram(caplog, monkeypatch):
+    import parallel.auto as auto
+
+    monkeypatch.setattr(auto, "_DECISIONS", {})
+    searched = []
+    real = auto.predicted_time
+    monkeypatch.setattr(auto, "predicted_time", lambda *a: searched.append(a[0]) or real(*a))
+    opts = dict(num_heads=4, num_kv_heads=2, head_dim=8, candidates=["ring", "allgather"])
+    with caplog.at_level("INFO", logger="parallel.auto"):
+        for lens in ([20, 12, 32], [24, 8, 32], [20, 12, 32]):  # same log2 buckets: one search
+            Auto(MaskSpec.from_doc_lens(lens, causal=True), 64, **opts)
+        first = len(searched)
+        Auto(MaskSpec.from_doc_lens([60, 4], causal=True), 64, **opts)   # another histogram
+        Auto(MaskSpec(causal=True), 64, **opts)                          # no documents
+        Auto(MaskSpec(causal=True, window=8), 64, **opts)                # another mask kind
+    chose = [r for r in caplog.records if "parallel=auto chose" in r.getMessage()]
+    assert first == 3 and len(searched) == 4 * first and len(chose) == 4
+
+
+def test_missing_profile_names_the_file():
+    with pytest.raises(ValueError) as err:
+        Auto(MaskSpec(causal=True), 64, num_heads=4, num_kv_heads=4, head_dim=8, hardware="nowhere/cpu.json")
+    assert "nowhere/cpu.json" in str(err.value) and "{hw}" not in str(err.value)
+    assert "--save nowhere/cpu.json" in str(err.value)
