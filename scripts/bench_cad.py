@@ -5,7 +5,7 @@ else the ProLong mix shipped in the package), with long documents
 upsampled as long-context training does (documents of at least --long tokens drawn
 --upsample times as often).  For every (ranks, tokens per rank) it prints the attention
 cost max/mean of plain packing (each rank computes its own queries), of per-document
-head-tail sharding, and of CAD after planning; bytes received per rank for CAD versus ring
+head-tail sharding (`parallel.balance.per_doc`), and of CAD after planning; bytes received per rank for CAD versus ring
 and all-gather CP (closed form: both bring the other P - 1 ranks' K/V to every rank); and
 the planning time.
 
@@ -21,8 +21,10 @@ import itertools
 import random
 import time
 
+from kernels import MaskSpec
+from parallel.balance import imbalance
 from parallel.cad import MaskKind, plan
-from parallel.cad.tasks import row_pairs
+from parallel.perf.cost import balancer_rows, mask_keys, pairs_per_rank
 from parallel.perf.workload import doclens_path, fill, load_doclens
 
 
@@ -33,20 +35,11 @@ def sample_batch(lens, total, rng, long, upsample):
     return fill(total, lambda: rng.choices(lens, cum_weights=cum)[0])
 
 
-def headtail_pairs(doc_lens, world, kind):
-    """Pairs per rank when every document is cut into 2P chunks and rank r takes r and 2P-1-r."""
-    pairs = [0] * world
-    for n in doc_lens:
-        cuts = [i * n // (2 * world) for i in range(2 * world + 1)]
-        for r in range(world):
-            j = 2 * world - 1 - r
-            pairs[r] += row_pairs(cuts[r], cuts[r + 1], n, kind) + row_pairs(cuts[j], cuts[j + 1], n, kind)
-    return pairs
-
-
-def imbalance(values):
-    mean = sum(values) / len(values)
-    return max(values) / mean if mean else 1.0
+def per_doc_pairs(doc_lens, world, kind):
+    """Pairs per rank under `parallel.balance`'s per_doc balancer (head-tail inside every document)."""
+    mask = MaskSpec.from_doc_lens(doc_lens, causal=kind.causal, window=kind.window)
+    total = sum(doc_lens)
+    return pairs_per_rank(mask_keys(mask, total), balancer_rows("per_doc", total, world, mask))
 
 
 def skewed_mix(seqlen):
@@ -60,7 +53,6 @@ def _real_rank(rank, world, port, seqlen, repeats, backend, results):
     import torch.distributed as dist
 
     import parallel
-    from kernels import MaskSpec
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -146,7 +138,7 @@ def main(argv=None):
             ring = (world - 1) * tpr * args.kv_bytes
             share = sum(n for n in docs if n >= args.long) / (world * tpr)
             print(f"| {world} | {tpr} | {len(docs)} | {share:.2f} | {imbalance(p.pairs_before):.3f} "
-                  f"| {imbalance(headtail_pairs(docs, world, kind)):.3f} | {imbalance(p.pairs_after):.3f} "
+                  f"| {imbalance(per_doc_pairs(docs, world, kind)):.3f} | {imbalance(p.pairs_after):.3f} "
                   f"| {imbalance(p.cost_after):.3f} | {max(packed.bytes_in) / gib:.3f} | {max(p.bytes_in) / gib:.3f} ({sum(p.bytes_in) / world / gib:.3f}) "
                   f"| {ring / gib:.3f} | {ring / gib:.3f} | {p.planning_s:.3f} |", flush=True)
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from kernels import MaskSpec
 
 from .. import base
+from ..balance import imbalance
 from ..comm import group_layout
 from ..perf.predict import collective, compute_s
 from . import intervals as iv
@@ -145,7 +146,7 @@ class CAD(base.ContextParallel):
         self.stats.extra = timing  # ping-pong's backward adds its timings to this dict later
         timing.update({
             "pairs_before": list(p.pairs_before), "pairs_after": list(p.pairs_after),
-            "pairs_imbalance_before": p.imbalance(p.pairs_before), "cost_imbalance_after": p.imbalance(p.cost_after),
+            "pairs_imbalance_before": imbalance(p.pairs_before), "cost_imbalance_after": imbalance(p.cost_after),
             "planner_s": p.planning_s, "attention_fwd_s": seconds, "tasks": len(p.tasks),
         })
 
