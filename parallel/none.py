@@ -10,7 +10,7 @@ import kernels
 
 from .balance import pair_counts
 from .base import ContextParallel, CPStats
-from .perf.cost import memory_terms, tile_cut
+from .perf.cost import memory_terms, whole_cut
 from .perf.predict import compute_s
 
 
@@ -34,8 +34,7 @@ class NoCP(ContextParallel):
 
     @classmethod
     def cost_kernel_cut(cls, mask, seqlen, rows, **_):
-        everything = torch.arange(seqlen)
-        return [tile_cut(mask, everything, everything)] * len(rows)
+        return whole_cut(mask, seqlen, len(rows))
 
     @classmethod
     def cost_memory(cls, lay, world, **_):

@@ -21,7 +21,7 @@ import kernels
 from .balance import pair_counts
 from .base import ContextParallel, CPStats
 from .comm import all_to_all, nbytes
-from .perf.cost import memory_terms, tile_cut
+from .perf.cost import memory_terms, whole_cut
 from .perf.predict import collective, compute_s
 
 
@@ -145,8 +145,7 @@ class Ulysses(ContextParallel):
     @classmethod
     def cost_kernel_cut(cls, mask, seqlen, rows, **_):
         """The whole sequence in ascending order, for the rank's share of the heads."""
-        everything = torch.arange(seqlen)
-        return [tile_cut(mask, everything, everything)] * len(rows)
+        return whole_cut(mask, seqlen, len(rows))
 
     @classmethod
     def cost_memory(cls, lay, world, **_):

@@ -175,6 +175,12 @@ def tile_cut(mask, q, k) -> tuple[int, int, int]:
     return diag, (sum(t.q1 - t.q0 for t in tiles) if len(tiles) > 1 else 0), hidden
 
 
+def whole_cut(mask, seqlen: int, world: int) -> list[tuple[int, int, int]]:
+    """`tile_cut` of one call over the whole sequence in order, on each of `world` ranks."""
+    everything = torch.arange(seqlen)
+    return [tile_cut(mask, everything, everything)] * world
+
+
 def steps_cut(mask, q, keys) -> tuple[int, int, int]:
     """`tile_cut` summed over one kernel call per key block (a ring), plus the merge of every
     step's partial after the first."""
