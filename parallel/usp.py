@@ -127,13 +127,14 @@ class USP(ContextParallel):
 
     @classmethod
     def cost_time(cls, pairs, lay, hw, *, ulysses_degree=None, **_):
-        """A ring rank's work is the mean over its u members' pairs (they split its heads)."""
+        """A ring position's work: its group's rows for Hq / u heads, i.e. the mean of its u
+        members' pairs (which count all Hq heads) over all Hq heads."""
         p = len(pairs)
         u = ulysses_degree or 1
         r = p // u
         uly = bytes_sent("ulysses", Layout(lay.seqlen // r, lay.hq, lay.hkv, lay.head_dim, lay.elem_bytes), u)
         ring_pairs = [sum(pairs[g * u:(g + 1) * u]) / u for g in range(r)]
         ring_lay = Layout(lay.seqlen, max(lay.hq // u, 1), max(lay.hkv // u, 1), lay.head_dim, lay.elem_bytes)
-        rf, rb = ring_time(compute_s(max(ring_pairs), ring_lay.hq, lay, hw, False),
-                           compute_s(max(ring_pairs), ring_lay.hq, lay, hw, True), ring_lay, r, hw, u)
+        rf, rb = ring_time(compute_s(max(ring_pairs), lay.hq, lay, hw, False),
+                           compute_s(max(ring_pairs), lay.hq, lay, hw, True), ring_lay, r, hw, u)
         return (collective(uly["fwd"][0], u, hw, kind="a2a") + rf, collective(uly["bwd"][0], u, hw, kind="a2a") + rb)
