@@ -42,3 +42,13 @@ def test_bad_files_name_the_setting_and_the_variable(tmp_path, monkeypatch, cont
 def test_fill_packs_exactly_and_cuts_the_last_document():
     draws = iter([5, 7, 9])
     assert fill(15, lambda: next(draws)) == [5, 7, 3]
+
+
+def test_the_packaged_default_is_package_data():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["*"]
+    assert PACKAGED_DOCLENS.name.endswith(".json") and "*.json" in patterns
+    assert PACKAGED_DOCLENS.is_file() and PACKAGED_DOCLENS.parent.joinpath("__init__.py").is_file()
