@@ -117,7 +117,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.real:
         return real(args.real, args.seqlen, 3, args.backend)
-    lens, source = load_doclens(args.doclens), doclens_path(args.doclens, "--doclens")[0].name
+    try:
+        lens, source = load_doclens(args.doclens), doclens_path(args.doclens, "--doclens")[0].name
+    except ValueError as e:
+        ap.error(str(e))
     kind = MaskKind(causal=True, window=args.window)
     gib = 2 ** 30
     print(f"mask: document+{'window=%d' % args.window if args.window else 'causal'}; docs from {source}, "
