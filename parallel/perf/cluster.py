@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..balance import imbalance
-from .cost import attention_flops, doc_pairs
+from ..cad.tasks import doc_pairs
+from .cost import attention_flops
 from .hardware import Hardware
 from .predict import collective
 from .workload import fill

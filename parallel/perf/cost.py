@@ -28,6 +28,7 @@ from kernels import MaskSpec
 
 from .. import STRATEGIES, load_entry
 from ..balance import assign, key_intervals
+from ..base import ContextParallel
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,6 @@ def strategy_class(name: str):
 
 def has_hook(name: str, hook: str) -> bool:
     """Whether strategy `name` is registered, importable and overrides the base class's `hook`."""
-    from ..base import ContextParallel
-
     try:
         cls = strategy_class(name)
     except ValueError:
@@ -135,15 +134,6 @@ def _last_seer(mask, seqlen: int) -> np.ndarray:
 def pairs_per_rank(keys: np.ndarray, rows: list[np.ndarray]) -> list[int]:
     """Attention pairs each rank's query rows cover."""
     return [int(keys[r].sum()) for r in rows]
-
-
-def doc_pairs(lens, causal: bool = True, window: int | None = None) -> int:
-    """Allowed pairs of a packed sequence of documents `lens` (each attends only itself), by
-    the closed form of `parallel.cad.tasks.row_pairs`."""
-    from ..cad.tasks import MaskKind, row_pairs
-
-    kind = MaskKind(causal=causal, window=window)
-    return sum(row_pairs(0, n, n, kind) for n in lens)
 
 
 def attention_flops(pairs: int, hq: int, head_dim: int, backward: bool = False) -> float:

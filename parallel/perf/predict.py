@@ -18,7 +18,10 @@ what counts.  `Hardware` (parallel.perf.hardware) holds the sustained rates.
 """
 from __future__ import annotations
 
-from .cost import Layout, attention_flops, bytes_sent, strategy_class
+from .. import STRATEGIES
+from ..balance import default_balancer, imbalance
+from .cost import (Layout, attention_flops, balancer_rows, bytes_sent, has_hook, kernel_rows, mask_keys,
+                   memory_per_rank, pairs_per_rank, strategy_class)
 from .hardware import Hardware
 
 
@@ -98,10 +101,6 @@ def compare_strategies(mask, lay: Layout, world: int, hw: Hardware) -> list[dict
     settings, on `world` ranks: attention pairs max/mean, bytes and memory per rank (where
     the strategy has those models), predicted seconds and efficiency against one device
     (the `none` strategy on the whole sequence)."""
-    from .. import STRATEGIES
-    from ..balance import default_balancer, imbalance
-    from .cost import balancer_rows, has_hook, kernel_rows, mask_keys, memory_per_rank, pairs_per_rank
-
     def cut(name, rows, options):  # profiles of a tile-based kernel (cpu) price its cuts
         return kernel_rows(name, mask, lay.seqlen, rows, **options) \
             if hw.tiled and has_hook(name, "cost_kernel_cut") else None

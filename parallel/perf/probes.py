@@ -12,7 +12,8 @@ import torch.distributed as dist
 import kernels
 from kernels import MaskSpec
 
-from .cost import attention_flops, doc_pairs
+from ..cad.tasks import doc_pairs
+from .cost import attention_flops
 
 
 def sync(device):
