@@ -86,21 +86,20 @@ _MAX_DECISIONS = 4096
 
 
 def decide(names, world: int, mask, seqlen: int, lay: Layout, hw: Hardware, balancer=None):
-    """(scored candidates, the fastest) for this mask kind, seqlen, world, layout, hardware and
-    document-length histogram; the search runs and the choice is logged once per such key."""
+    """(scored candidates, the fastest, whether this key is new) for this mask kind, seqlen,
+    world, layout, hardware and document-length histogram; the search runs once per key."""
     key = (tuple(names), world, bool(mask.is_causal), mask.window, doc_histogram(mask), seqlen, lay, hw, balancer)
-    if key not in _DECISIONS:
+    new = key not in _DECISIONS
+    if new:
         scored = [(predicted_time(strategy, bal, extra, mask, seqlen, world, lay, hw), strategy, bal, extra)
                   for strategy, bal, extra in candidates(names, world, mask, lay, balancer)]
         if not scored:
             raise ValueError(f"auto: none of the candidates {list(names)} is available in this build")
         best = min(scored, key=lambda s: s[0])
-        log.info("parallel=auto chose %s for %d tokens on %d ranks (predicted %.4g s fwd+bwd on %s)",
-                 format_choice(*best[1:]), seqlen, world, best[0], hw.name)
         if len(_DECISIONS) >= _MAX_DECISIONS:
             _DECISIONS.pop(next(iter(_DECISIONS)))
         _DECISIONS[key] = scored, best
-    return _DECISIONS[key]
+    return (*_DECISIONS[key], new)
 
 
 class Auto(ContextParallel):
@@ -126,14 +125,17 @@ class Auto(ContextParallel):
         names = options.pop("candidates", DEFAULT_CANDIDATES)
         elem = options.pop("elem_bytes", 2 if on_gpu else 4)  # bf16 on GPU, float32 on CPU
         _, world, _ = group_layout(self.cp_group(group, mesh))
-        scored, (t, strategy, bal, extra) = decide(names, world, mask, seqlen, Layout(seqlen, hq, hkv, d, elem), hw,
-                                                   balancer)
+        scored, (t, strategy, bal, extra), new = decide(names, world, mask, seqlen, Layout(seqlen, hq, hkv, d, elem),
+                                                        hw, balancer)
         self.inner = build(strategy, mask, seqlen, group=group, mesh=mesh, balancer=bal, **extra, **options)
         # the balancer actually used (None above means the strategy's default for this mask)
         self.balancer = getattr(self.inner, "balancer", None) or bal
         self.choice = format_choice(strategy, self.balancer, extra)
         self.predicted_s = t
         self.scores = {format_choice(s, b, e): p for p, s, b, e in scored}
+        if new:  # once per decision key, not every step
+            log.info("parallel=auto chose %s for %d tokens on %d ranks (predicted %.4g s fwd+bwd on %s)",
+                     self.choice, seqlen, world, t, hw.name)
         self.mask, self.seqlen = mask, seqlen
         for attr in ("rank", "world", "index", "indices", "group"):
             setattr(self, attr, getattr(self.inner, attr, None))
