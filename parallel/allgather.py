@@ -17,6 +17,8 @@ import kernels
 from .balance import pair_matrix
 from .base import ContextParallel, CPStats
 from .comm import acc_dtype, all_gather_rows, nbytes, reduce_scatter_rows
+from .perf.cost import memory_terms, tile_cut
+from .perf.predict import collective, compute_s
 
 
 class _Gathered:
@@ -126,3 +128,33 @@ class AllGather(ContextParallel):
         stats = CPStats([moved] * self.world, [moved] * self.world, [sum(row) for row in self.pairs])
         stats.extra["bytes_bwd_sent"] = stats.extra["bytes_bwd_recv"] = [moved + grads] * self.world
         return stats
+
+    @classmethod
+    def cost_bytes(cls, lay, world, **_):
+        """fwd (P-1) * block (gather K/V);  bwd (P-1) * (block + acc) (re-gather K/V,
+        reduce-scatter dK/dV in float32)."""
+        m = memory_terms(lay, world)
+        return {"fwd": [(world - 1) * m["kv"]] * world, "bwd": [(world - 1) * (m["kv"] + m["kva"])] * world}
+
+    @classmethod
+    def cost_kernel_cut(cls, mask, seqlen, rows, **_):
+        """The rank's rows against the gathered keys in ascending order."""
+        everything = torch.arange(seqlen)
+        return [tile_cut(mask, q, everything) for q in rows]
+
+    @classmethod
+    def cost_memory(cls, lay, world, *, kv_head_groups: int = 1, **_):
+        """fwd the gathered K/V of all P ranks and its position-sorted copy (per head group
+        of `kv_head_groups`);  bwd + both again, dK/dV of the gathered rows and their
+        float32 rank-order buffer, the kernel's dq_a."""
+        m = memory_terms(lay, world)
+        full = world * m["kv"] // kv_head_groups
+        fwd = m["q"] + m["lse"] + 2 * full
+        return fwd, fwd + 2 * (full // lay.elem_bytes * lay.acc_bytes) + m["qa"] + m["grads"]
+
+    @classmethod
+    def cost_time(cls, pairs, lay, hw, **_):
+        p, worst = len(pairs), max(pairs)
+        sent = cls.cost_bytes(lay, p)
+        return (collective(sent["fwd"][0], p, hw) + compute_s(worst, lay.hq, lay, hw, False) + hw.call_overhead,
+                collective(sent["bwd"][0], p, hw) + compute_s(worst, lay.hq, lay, hw, True) + hw.call_overhead)

@@ -17,6 +17,8 @@ Ulysses exchange fixed-size buffers).
 Default (balancer=None): per_doc for causal/window masks with documents, headtail for
 causal/window masks without, contiguous otherwise.
 
+`imbalance` is the one measure of how uneven per-rank work is (max / mean).
+
 `pair_counts` / `pair_matrix` count the (query, key) pairs a mask allows between row sets
 without a dense matrix: for every query the allowed keys form one interval of positions
 (document start or window start .. query or document end; the whole prefix for a query
@@ -79,6 +81,13 @@ def per_doc(seqlen: int, world: int, doc_lens=None) -> list[torch.Tensor]:
         if rows is not None:
             owned[r].append(pool[rows])
     return [torch.sort(torch.cat(rows)).values for rows in owned]
+
+
+def imbalance(values) -> float:
+    """max / mean of per-rank work (1.0 for no work at all)."""
+    vals = [float(v) for v in values]
+    mean = sum(vals) / max(len(vals), 1)
+    return max(vals) / mean if mean > 0 else 1.0
 
 
 def default_balancer(mask) -> str:

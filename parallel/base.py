@@ -34,9 +34,7 @@ class CPStats:
     extra: dict = field(default_factory=dict)
 
     def imbalance(self, what: str = "pairs") -> float:
-        vals = getattr(self, what)
-        mean = sum(vals) / max(len(vals), 1)
-        return max(vals) / mean if mean > 0 else 1.0
+        return balance.imbalance(getattr(self, what))
 
     def as_dict(self, rank: int | None = None) -> dict:
         d = {"pairs_imbalance": self.imbalance("pairs")}
@@ -55,9 +53,16 @@ class ContextParallel:
     global rows this rank owns, in local order) and implement `attention`.
 
     `setup` does the shared, collective-free part of construction: check the mask, read the
-    group's layout, run the balancer (`self.indices[r]`: rows of CP rank r, ascending)."""
+    group's layout, run the balancer (`self.indices[r]`: rows of CP rank r, ascending).
+
+    Cost hooks (classmethods, no process group): what `parallel.perf` and `parallel=auto`
+    know about a strategy comes from its own class, so a new strategy is one file plus
+    its YAML.  `Layout` is `parallel.perf.cost.Layout`, `hw` a `parallel.perf.hardware.Hardware`;
+    `options` are the strategy's own (e.g. ulysses_degree).  A strategy without a formula
+    keeps the base hook, which raises ValueError naming it."""
 
     name = "base"
+    sweeps_balancers = True  # the benchmark tries every balancer with it (False: it shards its own way)
 
     def __init__(self):
         self.stats = CPStats()
@@ -71,13 +76,12 @@ class ContextParallel:
         if not isinstance(seqlen, int) or isinstance(seqlen, bool) or seqlen < 1:
             raise ValueError(f"seqlen={seqlen!r} must be a positive integer")
         name = balance.default_balancer(mask) if balancer is None and not single else balancer or "contiguous"
+        group = self.cp_group(group, mesh)
         if name not in balancers:
             raise ValueError(
                 f"balancer={name!r} is not supported by strategy {self.name!r}; choose one of {', '.join(balancers)}"
             )
         self.mask, self.seqlen, self.balancer = mask, seqlen, name
-        if group is None and mesh is not None:
-            group = mesh.cp_group if hasattr(mesh, "cp_group") else mesh.get_group()
         self.rank, self.world, self.ranks = (0, 1, [0]) if single else group_layout(group)
         self.group = group
         if self.world > 1 and group is None:
@@ -89,6 +93,58 @@ class ContextParallel:
         self.index = self.indices[self.rank]
         self.backend = options.pop("backend", "auto")
         self.scale = options.pop("scale", None)
+
+    @staticmethod
+    def cp_group(group, mesh):
+        """The CP group: `group`, else the one of `mesh` (a `groups.ParallelGroups` or a 1-D
+        DeviceMesh), else None (the world)."""
+        if group is None and mesh is not None:
+            return mesh.cp_group if hasattr(mesh, "cp_group") else mesh.get_group()
+        return group
+
+    @classmethod
+    def _no_model(cls, what: str):
+        raise ValueError(f"strategy {cls.name!r} has no {what} model; the cost model covers strategies that "
+                         f"define {what} hooks (see parallel/base.py)")
+
+    @classmethod
+    def cost_bytes(cls, lay, world: int, **options) -> dict[str, list[int]]:
+        """Bytes each of `world` ranks sends in one call: {"fwd": [...], "bwd": [...]}."""
+        cls._no_model("bytes")
+
+    @classmethod
+    def cost_kernel_cut(cls, mask, seqlen: int, rows: list[torch.Tensor], **options) -> list[tuple[int, int, int]]:
+        """Per rank, (diagonal rows, split rows, hidden pairs) of the kernel calls it makes
+        (`parallel.perf.cost.tile_cut` / `steps_cut`); rows: every rank's rows, sorted."""
+        cls._no_model("kernel cut")
+
+    @classmethod
+    def cost_memory(cls, lay, world: int, **options) -> tuple[int, int]:
+        """(fwd, bwd) peak bytes one rank allocates beyond its inputs
+        (`parallel.perf.cost.memory_per_rank`)."""
+        cls._no_model("memory")
+
+    @classmethod
+    def cost_time(cls, pairs: list[int], lay, hw, **options) -> tuple[float, float]:
+        """(fwd, bwd) seconds of one call given every rank's attention pairs, before the
+        kernel's tile costs (`parallel.perf.predict`)."""
+        cls._no_model("time")
+
+    @classmethod
+    def head_split(cls, world: int, options: dict) -> int:
+        """Into how many parts the strategy splits the query heads on `world` ranks."""
+        return 1
+
+    @classmethod
+    def shape_options(cls, num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
+        """Options the strategy needs from the model's attention shape (none by default)."""
+        return {}
+
+    @classmethod
+    def auto_candidates(cls, world: int, mask, lay, balancer=None) -> list[tuple[str | None, dict]]:
+        """(balancer, options) pairs `parallel=auto` compares for this strategy (balancer:
+        the one auto was given, or None)."""
+        return [(None, {})]
 
     @staticmethod
     def reject_unknown(options: dict, strategy: str) -> None:

@@ -10,6 +10,8 @@ import kernels
 
 from .balance import pair_counts
 from .base import ContextParallel, CPStats
+from .perf.cost import memory_terms, whole_cut
+from .perf.predict import compute_s
 
 
 class NoCP(ContextParallel):
@@ -25,3 +27,24 @@ class NoCP(ContextParallel):
         pos = torch.arange(self.seqlen)
         self.stats = CPStats([0], [0], [pair_counts(self.mask, pos, pos)])
         return out, lse
+
+    @classmethod
+    def cost_bytes(cls, lay, world, **_):
+        return {"fwd": [0] * world, "bwd": [0] * world}
+
+    @classmethod
+    def cost_kernel_cut(cls, mask, seqlen, rows, **_):
+        return whole_cut(mask, seqlen, len(rows))
+
+    @classmethod
+    def cost_memory(cls, lay, world, **_):
+        """fwd out + lse;  bwd + grads + the kernel's float32 dq accumulator."""
+        m = memory_terms(lay, world)
+        fwd = m["q"] + m["lse"]
+        return fwd, fwd + m["grads"] + m["qa"]
+
+    @classmethod
+    def cost_time(cls, pairs, lay, hw, **_):
+        total = sum(pairs)
+        return (compute_s(total, lay.hq, lay, hw, False) + hw.call_overhead,
+                compute_s(total, lay.hq, lay, hw, True) + hw.call_overhead)

@@ -23,9 +23,11 @@ import torch
 
 import kernels
 
-from .balance import pair_matrix
+from .balance import default_balancer, pair_matrix
 from .base import ContextParallel, CPStats
 from .comm import Pending, acc_dtype, nbytes, p2p
+from .perf.cost import memory_terms, ring_reach, steps_cut
+from .perf.predict import compute_s, ring_time
 
 
 @dataclass
@@ -195,3 +197,47 @@ class Ring(ContextParallel):
         out, lse = RingAttention.apply(q, k, v, self.plan, self.mask, self.scale, self.backend)
         self.stats = ring_stats(self.plan, k)
         return out, lse
+
+    @classmethod
+    def cost_bytes(cls, lay, world, *, reach=None, mask=None, rows=None, **_):
+        """Rank r forwards its current block at `h_r` of the P steps (every step but the last
+        when every block is needed by every rank; fewer when the mask lets a block stop
+        early, see `ring_reach`, computed from `mask` and `rows` when given):  fwd h_r *
+        block;  bwd h_r * block (K/V again) + (d_r + o_r) * acc, d_r = the hops after the
+        first (a block's dK/dV accumulator starts at its first remote rank), o_r =
+        accumulators it returns home.  block = K and V of L = T / P tokens, acc = the same in
+        float32.  Every block needed everywhere: fwd (P-1) block, bwd (P-1)(block + acc)."""
+        if reach is None and mask is not None and rows is not None:
+            reach = ring_reach(mask, lay.seqlen, rows)
+        m = memory_terms(lay, world)
+        plan = RingPlan(0, list(range(world)), [], [], [world - 1] * world if reach is None else list(reach))
+        hops = [plan.hops(r) for r in range(world)]
+        return {"fwd": [h["kv_out"] * m["kv"] for h in hops],
+                "bwd": [h["kv_out"] * m["kv"] + (h["dkv_out"] + h["home_out"]) * m["kva"] for h in hops]}
+
+    @classmethod
+    def cost_kernel_cut(cls, mask, seqlen, rows, **_):
+        """The rank's rows against every rank's rows, one call per ring step."""
+        return [steps_cut(mask, q, rows) for q in rows]
+
+    @classmethod
+    def cost_memory(cls, lay, world, **_):
+        """fwd float32 out/lse accumulators, the K/V block held and the one arriving, one
+        block's partial out;  bwd + K/V held and arriving, the dK/dV accumulator arriving and
+        the one being sent, the home accumulator, dq_a, the kernel's dq_a."""
+        m = memory_terms(lay, world)
+        fwd = m["qa"] + m["lse"] + 2 * m["kv"] + m["q"]
+        return fwd, m["q"] + m["lse"] + 2 * m["kv"] + 3 * m["kva"] + 2 * m["qa"] + m["grads"]
+
+    @classmethod
+    def cost_time(cls, pairs, lay, hw, **_):
+        worst = max(pairs)
+        return ring_time(compute_s(worst, lay.hq, lay, hw, False), compute_s(worst, lay.hq, lay, hw, True),
+                         lay, len(pairs), hw, 1)
+
+    @classmethod
+    def auto_candidates(cls, world, mask, lay, balancer=None):
+        """The mask's default balancer and contiguous (or only the one auto was given)."""
+        if balancer is not None:
+            return [(balancer, {})]
+        return [(b, {}) for b in dict.fromkeys([default_balancer(mask), "contiguous"])]

@@ -21,6 +21,8 @@ import kernels
 from .balance import pair_counts
 from .base import ContextParallel, CPStats
 from .comm import all_to_all, nbytes
+from .perf.cost import memory_terms, whole_cut
+from .perf.predict import collective, compute_s
 
 
 class PositionOrder:
@@ -103,6 +105,7 @@ class HeadExchange:
 
 class Ulysses(ContextParallel):
     name = "ulysses"
+    sweeps_balancers = False  # the benchmark runs it on its default balancer only
 
     def __init__(self, mask, seqlen, *, group=None, mesh=None, balancer=None, **options):
         super().__init__()
@@ -128,3 +131,45 @@ class Ulysses(ContextParallel):
         self.stats = CPStats([moved] * self.world, [moved] * self.world, [self.total_pairs // self.world] * self.world)
         self.stats.extra["bytes_bwd_sent"] = self.stats.extra["bytes_bwd_recv"] = [moved] * self.world
         return self.exchange.to_rows(out), lse_rows
+
+    @classmethod
+    def head_split(cls, world, options):
+        return world
+
+    @classmethod
+    def auto_candidates(cls, world, mask, lay, balancer=None):
+        """Its default balancer; the head counts let it check the split at build."""
+        return [(None, {"num_heads": lay.hq, "num_kv_heads": lay.hkv})]
+
+    @classmethod
+    def cost_bytes(cls, lay, world, **_):
+        """All-to-all keeps 1/P of every tensor at home; Q, K, V out and the output back
+        (bwd: dO out, dQ, dK, dV back): (P-1) * L * (2 Hq + 2 Hkv') * D * elem // P each way,
+        Hkv' = Hkv repeated to a multiple of P."""
+        hkv = lay.hkv * (world // math.gcd(lay.hkv, world))
+        one_way = (world - 1) * (lay.seqlen // world) * (2 * lay.hq + 2 * hkv) * lay.head_dim * lay.elem_bytes // world
+        return {"fwd": [one_way] * world, "bwd": [one_way] * world}
+
+    @classmethod
+    def cost_kernel_cut(cls, mask, seqlen, rows, **_):
+        """The whole sequence in ascending order, for the rank's share of the heads."""
+        return whole_cut(mask, seqlen, len(rows))
+
+    @classmethod
+    def cost_memory(cls, lay, world, **_):
+        """The full sequence for Hq/P heads (Hkv' = Hkv repeated to a multiple of P): fwd
+        Q/K/V and out kept for backward;  bwd + dO, dQ/dK/dV, the kernel's dq_a."""
+        m, d, e = memory_terms(lay, world), lay.head_dim, lay.elem_bytes
+        hkv = lay.hkv * (world // math.gcd(lay.hkv, world))
+        qf, kvf = lay.seqlen * (lay.hq // world) * d * e, 2 * lay.seqlen * (hkv // world) * d * e
+        saved = 2 * qf + kvf + (lay.hq // world) * lay.seqlen * lay.acc_bytes  # Q, out, K/V, lse head-sharded
+        return saved + m["q"], saved + m["q"] + 2 * qf + kvf + qf // e * lay.acc_bytes + m["grads"]
+
+    @classmethod
+    def cost_time(cls, pairs, lay, hw, **_):
+        p, total = len(pairs), sum(pairs)
+        sent = cls.cost_bytes(lay, p)
+        return (collective(sent["fwd"][0], p, hw, kind="a2a") + compute_s(total / p, lay.hq, lay, hw, False)
+                + hw.call_overhead,
+                collective(sent["bwd"][0], p, hw, kind="a2a") + compute_s(total / p, lay.hq, lay, hw, True)
+                + hw.call_overhead)

@@ -12,10 +12,14 @@ construction creates no process group.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import ContextParallel, CPStats
 from .groups import ParallelDims
+from .perf.cost import Layout, bytes_sent, memory_per_rank, steps_cut
+from .perf.predict import collective, compute_s, ring_time
 from .ring import RingAttention, RingPlan, ring_stats
 from .ulysses import HeadExchange, PositionOrder
 
@@ -79,3 +83,60 @@ class USP(ContextParallel):
             stats.extra[key] = [a2a + ring.extra[key][p] for _, p in self.grid]
         stats.extra["ulysses_degree"], stats.extra["ring_degree"] = self.ulysses_degree, self.ring_degree
         return stats
+
+    @staticmethod
+    def _degree(world: int, ulysses_degree) -> int:
+        u = ulysses_degree or 1
+        if world % u:
+            raise ValueError(f"ulysses_degree={u} must divide the CP size {world}")
+        return u
+
+    @classmethod
+    def head_split(cls, world, options):
+        return options.get("ulysses_degree") or 1
+
+    @classmethod
+    def auto_candidates(cls, world, mask, lay, balancer=None):
+        """Every Ulysses x ring split with both degrees above 1."""
+        return [(None, {"ulysses_degree": u, "ring_degree": world // u}) for u in range(2, world) if world % u == 0]
+
+    @classmethod
+    def cost_bytes(cls, lay, world, *, ulysses_degree=None, **_):
+        """Ulysses over u ranks on u L tokens + ring over P/u ranks on the whole sequence, H/u heads."""
+        u = cls._degree(world, ulysses_degree)
+        loc = lay.seqlen // world
+        uly = bytes_sent("ulysses", Layout(loc * u, lay.hq, lay.hkv, lay.head_dim, lay.elem_bytes), u)
+        hkv = lay.hkv * (u // math.gcd(lay.hkv, u))
+        ring = bytes_sent("ring", Layout(lay.seqlen, lay.hq // u, hkv // u, lay.head_dim, lay.elem_bytes), world // u)
+        return {k: [uly[k][0] + ring[k][0]] * world for k in ("fwd", "bwd")}
+
+    @classmethod
+    def cost_kernel_cut(cls, mask, seqlen, rows, *, ulysses_degree=None, **_):
+        """The rank's group's rows against every group's rows, one call per ring step."""
+        u, world = ulysses_degree or 1, len(rows)
+        groups = [torch.cat(rows[g * u:(g + 1) * u]).sort().values for g in range(world // u)]
+        return [steps_cut(mask, groups[r // u], groups) for r in range(world)]
+
+    @classmethod
+    def cost_memory(cls, lay, world, *, ulysses_degree=None, **_):
+        """Ulysses over u ranks on L u rows, then ring over P / u with Hq / u heads."""
+        u = cls._degree(world, ulysses_degree)
+        loc = lay.seqlen // world
+        uly = memory_per_rank("ulysses", Layout(loc * u, lay.hq, lay.hkv, lay.head_dim, lay.elem_bytes), u)
+        hkv = lay.hkv * (u // math.gcd(lay.hkv, u)) // u
+        ring = memory_per_rank("ring", Layout(lay.seqlen, lay.hq // u, hkv, lay.head_dim, lay.elem_bytes), world // u)
+        return uly["fwd"] + ring["fwd"], uly["bwd"] + ring["bwd"]
+
+    @classmethod
+    def cost_time(cls, pairs, lay, hw, *, ulysses_degree=None, **_):
+        """A ring position's work: its group's rows for Hq / u heads, i.e. the mean of its u
+        members' pairs (which count all Hq heads) over all Hq heads."""
+        p = len(pairs)
+        u = ulysses_degree or 1
+        r = p // u
+        uly = bytes_sent("ulysses", Layout(lay.seqlen // r, lay.hq, lay.hkv, lay.head_dim, lay.elem_bytes), u)
+        ring_pairs = [sum(pairs[g * u:(g + 1) * u]) / u for g in range(r)]
+        ring_lay = Layout(lay.seqlen, max(lay.hq // u, 1), max(lay.hkv // u, 1), lay.head_dim, lay.elem_bytes)
+        rf, rb = ring_time(compute_s(max(ring_pairs), lay.hq, lay, hw, False),
+                           compute_s(max(ring_pairs), lay.hq, lay, hw, True), ring_lay, r, hw, u)
+        return (collective(uly["fwd"][0], u, hw, kind="a2a") + rf, collective(uly["bwd"][0], u, hw, kind="a2a") + rb)

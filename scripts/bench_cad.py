@@ -1,11 +1,11 @@
 """Benchmark the CAD planner on realistic document mixes (a measurement, not a test).
 
-Batches are packed from document lengths in a JSON list (default: ProLong's, at
-../shared/data/doclens_prolong.json relative to the repository), with long documents
+Batches are packed from document lengths in a JSON list (--doclens, else $LONGCTX_DOCLENS,
+else the ProLong mix shipped in the package), with long documents
 upsampled as long-context training does (documents of at least --long tokens drawn
 --upsample times as often).  For every (ranks, tokens per rank) it prints the attention
 cost max/mean of plain packing (each rank computes its own queries), of per-document
-head-tail sharding, and of CAD after planning; bytes received per rank for CAD versus ring
+head-tail sharding (`parallel.balance.per_doc`), and of CAD after planning; bytes received per rank for CAD versus ring
 and all-gather CP (closed form: both bring the other P - 1 ranks' K/V to every rank); and
 the planning time.
 
@@ -18,44 +18,28 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 import time
-from pathlib import Path
 
+from kernels import MaskSpec
+from parallel.balance import imbalance
 from parallel.cad import MaskKind, plan
-from parallel.cad.tasks import row_pairs
-
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DOCLENS = REPO.parent / "shared" / "data" / "doclens_prolong.json"
+from parallel.perf.cost import balancer_rows, mask_keys, pairs_per_rank
+from parallel.perf.workload import doclens_path, fill, load_doclens
 
 
 def sample_batch(lens, total, rng, long, upsample):
     """Packed document lengths summing to `total`; documents >= long drawn `upsample`x as often;
     a document longer than what is left of the batch is cut to fit (as a data loader does)."""
     cum = list(itertools.accumulate(upsample if n >= long else 1 for n in lens))
-    out, left = [], total
-    while left > 0:
-        n = min(rng.choices(lens, cum_weights=cum)[0], left)
-        out.append(n)
-        left -= n
-    return out
+    return fill(total, lambda: rng.choices(lens, cum_weights=cum)[0])
 
 
-def headtail_pairs(doc_lens, world, kind):
-    """Pairs per rank when every document is cut into 2P chunks and rank r takes r and 2P-1-r."""
-    pairs = [0] * world
-    for n in doc_lens:
-        cuts = [i * n // (2 * world) for i in range(2 * world + 1)]
-        for r in range(world):
-            j = 2 * world - 1 - r
-            pairs[r] += row_pairs(cuts[r], cuts[r + 1], n, kind) + row_pairs(cuts[j], cuts[j + 1], n, kind)
-    return pairs
-
-
-def imbalance(values):
-    mean = sum(values) / len(values)
-    return max(values) / mean if mean else 1.0
+def per_doc_pairs(doc_lens, world, kind):
+    """Pairs per rank under `parallel.balance`'s per_doc balancer (head-tail inside every document)."""
+    mask = MaskSpec.from_doc_lens(doc_lens, causal=kind.causal, window=kind.window)
+    total = sum(doc_lens)
+    return pairs_per_rank(mask_keys(mask, total), balancer_rows("per_doc", total, world, mask))
 
 
 def skewed_mix(seqlen):
@@ -69,7 +53,6 @@ def _real_rank(rank, world, port, seqlen, repeats, backend, results):
     import torch.distributed as dist
 
     import parallel
-    from kernels import MaskSpec
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -117,7 +100,8 @@ def real(world, seqlen, repeats, backend):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--doclens", type=Path, default=DEFAULT_DOCLENS)
+    ap.add_argument("--doclens", help="document-length JSON list (default: $LONGCTX_DOCLENS, else the packaged "
+                                      "ProLong mix)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 64])
     ap.add_argument("--tokens-per-rank", type=int, nargs="+", default=[32768, 131072, 524288])
     ap.add_argument("--long", type=int, default=32768, help="documents at least this long are upsampled")
@@ -133,10 +117,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.real:
         return real(args.real, args.seqlen, 3, args.backend)
-    lens = json.loads(args.doclens.read_text())
+    try:
+        lens, source = load_doclens(args.doclens), doclens_path(args.doclens, "--doclens")[0].name
+    except ValueError as e:
+        ap.error(str(e))
     kind = MaskKind(causal=True, window=args.window)
     gib = 2 ** 30
-    print(f"mask: document+{'window=%d' % args.window if args.window else 'causal'}; docs from {args.doclens.name}, "
+    print(f"mask: document+{'window=%d' % args.window if args.window else 'causal'}; docs from {source}, "
           f">= {args.long} tokens upsampled x{args.upsample}; epsilon={args.epsilon}")
     print("| ranks | tokens/rank | docs | long-doc token share | packing max/mean | per-doc head-tail max/mean "
           "| CAD max/mean (pairs) | CAD max/mean (cost) | packing GiB in/rank max | CAD GiB in/rank max (mean) "
@@ -154,7 +141,7 @@ def main(argv=None):
             ring = (world - 1) * tpr * args.kv_bytes
             share = sum(n for n in docs if n >= args.long) / (world * tpr)
             print(f"| {world} | {tpr} | {len(docs)} | {share:.2f} | {imbalance(p.pairs_before):.3f} "
-                  f"| {imbalance(headtail_pairs(docs, world, kind)):.3f} | {imbalance(p.pairs_after):.3f} "
+                  f"| {imbalance(per_doc_pairs(docs, world, kind)):.3f} | {imbalance(p.pairs_after):.3f} "
                   f"| {imbalance(p.cost_after):.3f} | {max(packed.bytes_in) / gib:.3f} | {max(p.bytes_in) / gib:.3f} ({sum(p.bytes_in) / world / gib:.3f}) "
                   f"| {ring / gib:.3f} | {ring / gib:.3f} | {p.planning_s:.3f} |", flush=True)
 

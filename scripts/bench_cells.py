@@ -7,54 +7,27 @@ what the JSONL resume logic matches on, so re-running the same matrix skips fini
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 
-from kernels import MaskSpec
-
-MASK_KINDS = ("causal", "document", "window", "document+window", "full")
+from parallel import STRATEGIES, load_entry
+from parallel.perf.workload import fill, load_doclens
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_doc_lens(path: str) -> list[int]:
-    """Document-length distribution: a JSON list of ints (path relative to the repo root;
-    the LONGCTX_DOCLENS environment variable overrides it, e.g. in a git worktree)."""
-    path = os.environ.get("LONGCTX_DOCLENS", path)
-    full = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
-    if not os.path.exists(full):
-        raise ValueError(f"docs.file={path!r} not found (looked at {full}); point docs.file at a JSON list "
-                         "of document lengths or set docs.fixed_len")
-    with open(full) as f:
-        return [int(x) for x in json.load(f)]
-
-
-def sample_doc_lens(seqlen: int, docs: dict, seed: int) -> list[int]:
+def sample_doc_lens(seqlen: int, docs: dict, seed: int, setting: str = "docs.file") -> list[int]:
     """Pack documents drawn from the distribution until seqlen tokens; the last one is cut.
 
-    docs: {"fixed_len": n} for equal documents, else {"file": path} sampled with `seed`.
+    docs: {"fixed_len": n} for equal documents, else {"file": path or None} sampled with
+    `seed` (`parallel.perf.workload.load_doclens`: None is $LONGCTX_DOCLENS or the packaged
+    default; `setting` is what errors call the file).
     """
     if docs.get("fixed_len"):
         n = int(docs["fixed_len"])
         return [n] * (seqlen // n) + ([seqlen % n] if seqlen % n else [])
-    pool = load_doc_lens(docs["file"])
+    pool = load_doclens(docs.get("file"), setting)
     rng = random.Random(seed)
-    lens, left = [], seqlen
-    while left > 0:
-        n = min(max(rng.choice(pool), 1), left)
-        lens.append(n)
-        left -= n
-    return lens
-
-
-def make_mask(cell: dict) -> MaskSpec:
-    kind, seqlen = cell["mask"], cell["seqlen"]
-    if kind not in MASK_KINDS:
-        raise ValueError(f"mask={kind!r} is unknown; choose one of {', '.join(MASK_KINDS)}")
-    window = cell["window"] if "window" in kind else None
-    if "document" in kind:
-        return MaskSpec.from_doc_lens(cell["doc_lens"], causal=True, window=window)
-    return MaskSpec(causal=kind != "full", window=window)
+    return fill(seqlen, lambda: rng.choice(pool))
 
 
 def cell_id(cell: dict) -> str:
@@ -69,19 +42,20 @@ def expand(cfg: dict) -> list[dict]:
     heads = [tuple(h) for h in cfg["heads"]]
     shapes = list(itertools.product(cfg["masks"], cfg["seqlens"], heads))
     runs = [("kernel", None, 1, {})]
+    extra = dict(cfg.get("extra_strategies", {}))
     for strategy in cfg["strategies"]:
-        balancers = cfg["balancers"] if strategy_uses_balancer(strategy) else [None]
+        balancers = cfg["balancers"] if strategy_uses_balancer(strategy, extra) else [None]
         for balancer, world in itertools.product(balancers, [w for w in cfg["worlds"] if w > 1]):
             runs.append((strategy, balancer, world, dict(cfg.get("options", {}).get(strategy, {}))))
     for (mask, seqlen, (hq, hkv)), (strategy, balancer, world, options) in itertools.product(shapes, runs):
         if balancer == "per_doc" and "document" not in mask:
             continue  # per_doc of a single document is headtail: the same cell twice
-        if strategy == "auto":  # auto predicts communication from the head layout
-            options = dict(options, num_heads=hq, num_kv_heads=hkv, head_dim=cfg["head_dim"])
+        if _is_strategy(strategy):  # e.g. auto predicts communication from the head layout
+            options = dict(options, **strategy_class_of(strategy, extra).shape_options(hq, hkv, cfg["head_dim"]))
         cell = dict(strategy=strategy, balancer=balancer, mask=mask, seqlen=seqlen, world=world, hq=hq, hkv=hkv,
                     head_dim=cfg["head_dim"], dtype=cfg["dtype"], seed=cfg["seed"], warmup=cfg["warmup"],
                     repeats=cfg["repeats"], options=options, window=cfg["window"],
-                    extra_strategies=dict(cfg.get("extra_strategies", {})))
+                    extra_strategies=extra)
         if "document" in mask:
             cell["doc_lens"] = sample_doc_lens(seqlen, cfg["docs"], cfg["seed"])
         cell["id"] = cell_id(cell)
@@ -89,6 +63,17 @@ def expand(cfg: dict) -> list[dict]:
     return cells
 
 
-def strategy_uses_balancer(strategy: str) -> bool:
-    """Peers and Ulysses-style strategies shard contiguously by design; auto picks its own."""
-    return not strategy.startswith("peer:") and strategy not in ("ulysses", "kernel", "auto")
+def strategy_class_of(strategy: str, extra: dict):
+    """The class of a registered strategy, or of one the matrix adds (`extra_strategies`)."""
+    return load_entry({**STRATEGIES, **extra}, strategy, "strategies")
+
+
+def strategy_uses_balancer(strategy: str, extra: dict | None = None) -> bool:
+    """Whether the matrix sweeps balancers for a strategy: not for peers and the 1-rank
+    kernel, nor for a strategy that shards its own way (`sweeps_balancers`)."""
+    return _is_strategy(strategy) and strategy_class_of(strategy, extra or {}).sweeps_balancers
+
+
+def _is_strategy(name: str) -> bool:
+    """A CP strategy of the registry, not a peer ("peer:...") or the 1-rank "kernel" baseline."""
+    return not name.startswith("peer:") and name != "kernel"

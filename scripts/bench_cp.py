@@ -43,7 +43,8 @@ class BenchConfig:
     head_dim: int = 64
     dtype: str = "float32"
     window: int = 512
-    docs: dict = field(default_factory=lambda: {"file": "../shared/data/doclens_prolong.json", "fixed_len": None})
+    # file: a JSON list of document lengths; null = $LONGCTX_DOCLENS, else the packaged ProLong mix
+    docs: dict = field(default_factory=lambda: {"file": None, "fixed_len": None})
     options: dict = field(default_factory=lambda: {"usp": {"ulysses_degree": 2}})
     extra_strategies: dict = field(default_factory=dict)
     warmup: int = 1

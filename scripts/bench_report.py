@@ -11,7 +11,7 @@ import json
 import os
 
 from parallel.auto import parse_choice
-from parallel.costmodel import attention_flops
+from parallel.perf.cost import attention_flops
 
 
 def load_records(path: str) -> list[dict]:

@@ -20,9 +20,11 @@ import torch.distributed as dist
 
 import kernels
 import parallel
-from parallel.costmodel import Layout, bytes_sent, mask_keys, ring_reach
+from parallel.perf.calibrate import PEERS_MODELLED_AS
+from parallel.perf.cost import Layout, bytes_sent, has_hook, mask_keys
+from parallel.perf.probes import max_over_ranks, run_probes, sync
+from parallel.perf.workload import make_mask
 from scripts.bench_peers import build_peer
-from scripts.bench_cells import make_mask
 
 TOL = {torch.float32: 2e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
@@ -67,17 +69,6 @@ class PeakRSS:
         else:
             self.peak = self._status_kb("VmHWM") * 1024
         self.mb = max(self.peak - self.base, 0) / 2**20
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _max_over_ranks(x: float) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
 
 
 def _inputs(cell, device, dtype):
@@ -154,110 +145,6 @@ def _check(cell, mask, inputs, got, dtype):
     return errs, all(e <= TOL[dtype] for e in errs.values()) and all(e == e for e in errs.values())
 
 
-def link_probe(device, nbytes: int = 1 << 24, reps: int = 3) -> dict:
-    """Rank 0 <-> 1 point-to-point: bandwidth of `nbytes` messages and latency of 8-byte ones
-    (what the simulator's calibration uses for the link; measured once per launch)."""
-    rank = dist.get_rank()
-    if dist.get_world_size() < 2:
-        return {}
-    times = {}
-    for size in (8, nbytes):
-        buf = torch.zeros(size // 4, device=device)
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            if rank == 0:
-                dist.send(buf, 1)
-                dist.recv(buf, 1)
-            elif rank == 1:
-                dist.recv(buf, 0)
-                dist.send(buf, 0)
-        times[size] = (time.perf_counter() - t0) / (2 * reps)
-    lat = times[8]
-    return {"link_lat": lat, "link_bw": nbytes / max(times[nbytes] - lat, 1e-9), **collective_probe(device, nbytes)}
-
-
-def collective_probe(device, nbytes: int = 1 << 24, reps: int = 3) -> dict:
-    """Effective bandwidth of the collectives the strategies use (all-gather, reduce-scatter,
-    all-to-all; `nbytes` to every peer): bytes each rank sends over the median time.  On
-    gloo they run several times slower than one p2p message of the same size, which the
-    simulator's `coll_bw` and `a2a_bw` carry."""
-    world = dist.get_world_size()
-    chunk = torch.zeros(nbytes // 4, device=device)
-    full = torch.zeros(world * chunk.numel(), device=device)
-    out = torch.empty_like(full)
-    ops = {"all_gather": lambda: dist.all_gather_into_tensor(out, chunk),
-           "reduce_scatter": lambda: dist.reduce_scatter_tensor(chunk, full),
-           "all_to_all": lambda: dist.all_to_all_single(out, full)}
-    res = {}
-    for name, op in ops.items():
-        times = []
-        for _ in range(reps):
-            dist.barrier()
-            t0 = time.perf_counter()
-            op()
-            _sync(device)
-            times.append(_max_over_ranks(time.perf_counter() - t0))
-        res[f"{name}_bw"] = (world - 1) * nbytes / sorted(times)[reps // 2]
-    return res
-
-
-def rate_probe(device, seqlen: int = 2048, heads: int = 8, head_dim: int = 64) -> dict:
-    """Attention FLOP/s each rank sustains while every rank of the launch computes at once
-    (fixed causal shape, slowest rank): the simulator scales the 1-rank kernel rate by the
-    ratio of this probe between launches, which captures how much of the machine a rank gets."""
-    from kernels import MaskSpec
-
-    g = torch.Generator().manual_seed(1)
-    q, k, v, dout = (torch.randn(seqlen, heads, head_dim, generator=g).to(device) for _ in range(4))
-    q.requires_grad_(True)
-    flops = 4.0 * seqlen * (seqlen + 1) / 2 * heads * head_dim
-    best_f = best_b = float("inf")
-    for _ in range(3):
-        dist.barrier()
-        t0 = time.perf_counter()
-        out, _ = kernels.attention(q, k, v, MaskSpec(causal=True))
-        _sync(device)
-        t1 = time.perf_counter()
-        out.backward(dout)
-        _sync(device)
-        t2 = time.perf_counter()
-        best_f, best_b = min(best_f, _max_over_ranks(t1 - t0)), min(best_b, _max_over_ranks(t2 - t1))
-    return {"probe_fwd_flops": flops / best_f, "probe_bwd_flops": 2.5 * flops / best_b}
-
-
-def tile_probe(device, rows: int = 2048, heads: int = 8, head_dim: int = 64, pieces: int = 16) -> dict:
-    """Cost per row and head of a kernel call cut into tiles (fwd: merging the tiles'
-    partial outputs; bwd: accumulating their gradients): the same bidirectional attention
-    run as one tile and as `pieces` tiles (keys in `pieces` shuffled runs, so
-    `kernels.cpu.plan` cuts them apart); the pairs are identical, so the difference over
-    the merged rows is that cost.  Only the cpu backend works in tiles; elsewhere this
-    returns nothing."""
-    from kernels import MaskSpec
-
-    if device.type != "cpu":
-        return {}
-    g = torch.Generator().manual_seed(2)
-    q, k, v, dout = (torch.randn(rows, heads, head_dim, generator=g) for _ in range(4))
-    mask, pos = MaskSpec(causal=False), torch.arange(rows)
-    shuffled = pos.view(pieces, -1).flip(0).reshape(-1)   # runs of rows/pieces, out of order
-    times = {}
-    for name, k_pos in (("one", pos), ("many", shuffled)):
-        best_f = best_b = float("inf")
-        for _ in range(3):
-            dist.barrier()
-            t0 = time.perf_counter()
-            out, lse = kernels.forward(q, k, v, mask, q_pos=pos, k_pos=k_pos, backend="cpu")
-            t1 = time.perf_counter()
-            kernels.backward(dout, q, k, v, out, lse, mask, q_pos=pos, k_pos=k_pos, backend="cpu")
-            t2 = time.perf_counter()
-            best_f, best_b = min(best_f, _max_over_ranks(t1 - t0)), min(best_b, _max_over_ranks(t2 - t1))
-        times[name] = (best_f, best_b)
-    merged = pieces * rows * heads  # rows x heads the cut call merges (fwd) / accumulates (bwd)
-    return {"split_fwd_s": max(times["many"][0] - times["one"][0], 0.0) / merged,
-            "split_bwd_s": max(times["many"][1] - times["one"][1], 0.0) / merged}
-
-
 def run_cell(cell, device) -> dict | None:
     """Time and check one cell; returns the JSON record on rank 0 (None elsewhere)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -271,19 +158,19 @@ def run_cell(cell, device) -> dict | None:
         for it in range(cell["warmup"] + cell["repeats"]):
             ql, kl, vl = (x.clone().requires_grad_(True) for x in local[:3])
             dist.barrier()
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             out = cp.attention(ql, kl, vl)
-            _sync(device)
+            sync(device)
             t1 = time.perf_counter()
             out.backward(local[3])
-            _sync(device)
+            sync(device)
             t2 = time.perf_counter()
-            f, b = _max_over_ranks(t1 - t0), _max_over_ranks(t2 - t1)
+            f, b = max_over_ranks(t1 - t0), max_over_ranks(t2 - t1)
             if it >= cell["warmup"]:
                 fwd_t.append(f)
                 bwd_t.append(b)
-    peak = _max_over_ranks(mem.mb)
+    peak = max_over_ranks(mem.mb)
     got = _gather_rows(cp.positions.cpu(), [out, ql.grad, kl.grad, vl.grad])
     stats = getattr(cp, "stats", None)
     if rank != 0:
@@ -302,12 +189,10 @@ def run_cell(cell, device) -> dict | None:
         rec.update(pairs=list(stats.pairs), bytes_sent=[f + b for f, b in zip(stats.bytes_sent, bwd)],
                    pairs_imbalance=stats.imbalance("pairs"),
                    extra={k: v for k, v in stats.extra.items() if isinstance(v, (int, float, str))})
-    base = cell["strategy"].removeprefix("peer:")
-    if world > 1 and base in ("ring", "allgather", "ulysses", "usp", "deepspeed-ulysses"):
-        kind = "ulysses" if base == "deepspeed-ulysses" else base
+    kind = PEERS_MODELLED_AS.get(cell["strategy"], (cell["strategy"],))[0]
+    if world > 1 and has_hook(kind, "cost_bytes"):
         rows = [r.numpy() for r in cp.indices] if hasattr(cp, "indices") else None
-        reach = ring_reach(mask, cell["seqlen"], rows) if kind == "ring" else None
-        formula = bytes_sent(kind, lay, world, reach=reach, ulysses_degree=cell.get("options", {}).get("ulysses_degree"))
+        formula = bytes_sent(kind, lay, world, mask=mask, rows=rows, **cell.get("options", {}))
         rec["bytes_formula"] = [f + b for f, b in zip(formula["fwd"], formula["bwd"])]
     return rec
 
@@ -323,7 +208,7 @@ def main(argv=None):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     for name, target in cells[0].get("extra_strategies", {}).items() if cells else ():
         parallel.STRATEGIES[name] = target
-    link = dict(link_probe(device), **rate_probe(device), **tile_probe(device))
+    link = run_probes(device)
     for cell in cells:
         try:
             rec = run_cell(cell, device)

@@ -99,7 +99,7 @@ def exchange(x: torch.Tensor, route: Route, group=None) -> torch.Tensor:
 
 
 @dataclass
-class Layout:
+class ServerRoutes:
     """Everything one rank needs to run a set of tasks: Q and K/V routes to the servers,
     the server-side global positions, and the route that brings outputs back."""
 
@@ -110,8 +110,8 @@ class Layout:
     kv_pos: torch.Tensor
 
 
-def layout(q_rows, kv_rows, rank: int, tpr: int) -> Layout:
-    """Layout of per-server merged query / key intervals (from a plan or a nano-batch)."""
+def server_routes(q_rows, kv_rows, rank: int, tpr: int) -> ServerRoutes:
+    """Routes of per-server merged query / key intervals (from a plan or a nano-batch)."""
     q, q_pos = to_server(q_rows, rank, tpr)
     kv, kv_pos = to_server(kv_rows, rank, tpr)
-    return Layout(q, kv, q.reverse(tpr), q_pos, kv_pos)
+    return ServerRoutes(q, kv, q.reverse(tpr), q_pos, kv_pos)

@@ -7,6 +7,7 @@ outputs back, then computes half 1.  Backward does the same with dO out and dQ/d
 On GPU, NCCL runs the collectives on its own stream, so they overlap the kernels there too.
 Exactness: the halves partition each server's query rows, each half carries every key its
 rows need, so outputs are exact rows and gradients of shared keys are summed on return.
+The lse rows travel back with the outputs when asked for, and their gradient out with dO.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class _Clock:
 
 class _PingPong(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cad, timing):
+    def forward(ctx, q, k, v, cad, timing, with_lse):
         clock, group = _Clock(timing, "pingpong_fwd"), cad.group
         sent = [(start(q, lay.q, group), start(k, lay.kv, group), start(v, lay.kv, group)) for lay in cad.nanos]
         saved, back = [], []
@@ -87,23 +88,31 @@ class _PingPong(torch.autograd.Function):
             out_s, lse_s = clock.compute(serve_forward, q_s, k_s, v_s, lay.q_pos, lay.kv_pos, cad.mask,
                                          scale=cad.scale, backend=cad.backend)
             back.append(start(out_s, lay.back, group))
+            if with_lse:  # lse [H, T] travels as rows [T, H]
+                back.append(start(lse_s.t().contiguous(), lay.back, group))
             saved.append((q_s, k_s, v_s, out_s, lse_s))
         clock.wait(*[w for _, w in back])
-        out = sum(place(o, lay.back) for (o, _), lay in zip(back, cad.nanos))
+        step = 2 if with_lse else 1
+        out = sum(place(o, lay.back) for (o, _), lay in zip(back[::step], cad.nanos))
+        lse = sum(place(x, lay.back) for (x, _), lay in zip(back[1::step], cad.nanos)).t() if with_lse else None
         clock.done()
         ctx.cad, ctx.saved, ctx.timing, ctx.rows = cad, saved, timing, (q.shape[0], k.shape[0])
-        return out
+        return out, lse
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dlse):
         cad, group = ctx.cad, ctx.cad.group
         clock = _Clock(ctx.timing, "pingpong_bwd")
         sent = [start(dout.contiguous(), lay.q, group) for lay in cad.nanos]
+        # every rank takes the same branch: a missing or all-zero dlse is dropped everywhere alike
+        with_dlse = dlse is not None
+        sent_dlse = [start(dlse.t().contiguous(), lay.q, group) for lay in cad.nanos] if with_dlse else [None] * 2
         grads = []
-        for lay, (do_s, w), (q_s, k_s, v_s, out_s, lse_s) in zip(cad.nanos, sent, ctx.saved):
-            clock.wait(w)
+        for lay, (do_s, w), dl, (q_s, k_s, v_s, out_s, lse_s) in zip(cad.nanos, sent, sent_dlse, ctx.saved):
+            clock.wait(w, *([dl[1]] if dl else []))
             dq_s, dk_s, dv_s = clock.compute(serve_backward, do_s, q_s, k_s, v_s, out_s, lse_s, lay.q_pos,
-                                             lay.kv_pos, cad.mask, scale=cad.scale, backend=cad.backend)
+                                             lay.kv_pos, cad.mask, scale=cad.scale, backend=cad.backend,
+                                             dlse=dl[0].t().contiguous() if dl else None)
             grads.append((gather_back(dq_s, lay.q, group), gather_back(dk_s, lay.kv, group),
                           gather_back(dv_s, lay.kv, group)))
         clock.wait(*[w for g in grads for _, w in g])
@@ -112,13 +121,15 @@ class _PingPong(torch.autograd.Function):
         dk = sum(finish_back(g[1][0], lay.kv, tk) for g, lay in zip(grads, cad.nanos))
         dv = sum(finish_back(g[2][0], lay.kv, tk) for g, lay in zip(grads, cad.nanos))
         clock.done()
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 class PingPong:
-    """Entry point used by the strategy: out, and the dict its timing breakdown fills."""
+    """Entry point used by the strategy: out, lse (None unless asked for) and the dict its
+    timing breakdown fills."""
 
     @staticmethod
-    def run(q, k, v, cad):
+    def run(q, k, v, cad, with_lse=False):
         timing = {}
-        return _PingPong.apply(q, k, v, cad, timing), timing
+        out, lse = _PingPong.apply(q, k, v, cad, timing, with_lse)
+        return out, lse, timing

@@ -47,11 +47,6 @@ class Plan:
     def world(self) -> int:
         return len(self.pairs_after)
 
-    @staticmethod
-    def imbalance(values) -> float:
-        mean = sum(values) / max(len(values), 1)
-        return max(values) / mean if mean > 0 else 1.0
-
     def fingerprint(self) -> int:
         """63-bit hash of the assignment; equal on ranks that planned the same thing."""
         h = hashlib.sha256(repr((self.tokens_per_rank, self.kind,

@@ -24,7 +24,7 @@ def serve_forward(q, k, v, q_pos, k_pos, mask, *, scale=None, backend="auto"):
                            scale=scale, backend=backend)
 
 
-def serve_backward(dout, q, k, v, out, lse, q_pos, k_pos, mask, *, scale=None, backend="auto"):
-    """(dq, dk, dv) of a server's rows given their final out / lse."""
+def serve_backward(dout, q, k, v, out, lse, q_pos, k_pos, mask, *, scale=None, backend="auto", dlse=None):
+    """(dq, dk, dv) of a server's rows given their final out / lse (and the gradient of lse, if any)."""
     return kernels.backward(dout, q, k, v, out, lse, mask, q_pos=q_pos.to(q.device),
-                            k_pos=k_pos.to(q.device), scale=scale, backend=backend)
+                            k_pos=k_pos.to(q.device), scale=scale, dlse=dlse, backend=backend)

@@ -1,10 +1,11 @@
 """The `cad` context-parallel strategy (contract 2 of DESIGN.md).
 
-Rank r keeps tokens [r*T, (r+1)*T) for everything but core attention.  At construction every
-rank plans the same tasks (the planner is deterministic) and checks, with one all_gather of
-a plan fingerprint, that all ranks agree.  `attention` sends Q rows and K/V rows to the
-servers, runs each server's tasks as one kernel call, and sends the outputs back; autograd
-reverses it (dO out, dQ/dK/dV back, dK/dV of keys held by several servers summed).
+Rank r keeps tokens [r*T, (r+1)*T) for everything but core attention (the base class's
+`setup` with the contiguous balancer).  At construction every rank plans the same tasks
+(the planner is deterministic) and checks, with one all_gather of a plan fingerprint, that
+all ranks agree.  `compute` sends Q rows and K/V rows to the servers, runs each server's
+tasks as one kernel call, and sends the outputs (and, asked for, the lse rows) back;
+autograd reverses it (dO out, dQ/dK/dV back, dK/dV of keys held by several servers summed).
 With `pingpong=True` the tasks are split into two nano-batches whose communication and
 compute overlap (see pingpong.py).
 
@@ -21,9 +22,14 @@ import time
 import torch
 import torch.distributed as dist
 
+from kernels import MaskSpec
+
 from .. import base
+from ..balance import imbalance
+from ..comm import group_layout
+from ..perf.predict import collective, compute_s
 from . import intervals as iv
-from .dispatch import Route, exchange, layout
+from .dispatch import exchange, server_routes
 from .pingpong import PingPong, nano_batches
 from .planner import plan
 from .server import serve
@@ -50,35 +56,39 @@ def _traffic(p, q_bytes, kv_bytes):
 class CAD(base.ContextParallel):
     name = "cad"
 
-    def __init__(self, mask, seqlen, *, group=None, mesh=None, balancer=None, epsilon=0.1,
-                 backend="auto", pingpong=False, task_overhead_pairs=None, scale=None):
+    def __init__(self, mask, seqlen, *, group=None, mesh=None, balancer=None, **options):
         super().__init__()
-        self.group = group if group is not None else (mesh.get_group() if mesh is not None else None)
-        self.rank = dist.get_rank(self.group)
-        self.world = dist.get_world_size(self.group)
-        self.mask, self.seqlen, self.backend, self.scale = mask, seqlen, backend, scale
-        self.pingpong = bool(pingpong)
+        if balancer not in (None, "cad"):
+            raise ValueError(f"balancer={balancer!r}: the cad strategy plans its own tasks; leave balancer unset or 'cad'")
+        epsilon, overhead = options.pop("epsilon", 0.1), options.pop("task_overhead_pairs", None)
+        self.pingpong = bool(options.pop("pingpong", False))
         self._bytes_cache = {}
+        group = self.cp_group(group, mesh)
         error, fingerprint = None, -1
-        try:
-            self.plan = self._plan(balancer, epsilon, task_overhead_pairs)
+        try:  # rank r keeps rows [r*T, (r+1)*T) for everything but core attention
+            self._check(mask, seqlen, group_layout(group)[1])
+            self.setup(mask, seqlen, group, "contiguous", options, balancers=("contiguous",))
+            self.reject_unknown(options, self.name)
+            self.plan = self._plan(epsilon, overhead)
             fingerprint = self.plan.fingerprint()
         except ValueError as e:
             error = e
-        self._check_agreement(error, fingerprint)
+        self._check_agreement(error, fingerprint, group)
         tpr = seqlen // self.world
-        self.index = torch.arange(self.rank * tpr, (self.rank + 1) * tpr)
-        self.layout = layout(self.plan.q_rows, self.plan.kv_rows, self.rank, tpr)
-        self.nanos = [layout(q, kv, self.rank, tpr) for q, kv in nano_batches(self.plan, 2)] if self.pingpong else None
+        self.routes = server_routes(self.plan.q_rows, self.plan.kv_rows, self.rank, tpr)
+        self.nanos = [server_routes(q, kv, self.rank, tpr) for q, kv in nano_batches(self.plan, 2)] \
+            if self.pingpong else None
 
-    def _plan(self, balancer, epsilon, task_overhead_pairs):
-        if balancer not in (None, "cad"):
-            raise ValueError(f"balancer={balancer!r}: the cad strategy plans its own tasks; leave balancer unset or 'cad'")
-        if not isinstance(self.seqlen, int) or self.seqlen <= 0 or self.seqlen % self.world:
-            raise ValueError(f"seqlen={self.seqlen} must be a positive multiple of the CP group size {self.world}")
-        if self.mask.has_docs and self.mask.seqlen != self.seqlen:
-            raise ValueError(f"the mask's documents cover {self.mask.seqlen} tokens but seqlen={self.seqlen}; "
+    @staticmethod
+    def _check(mask, seqlen, world):
+        """What cad needs beyond the base class's checks, said in its own terms."""
+        if not isinstance(seqlen, int) or seqlen <= 0 or seqlen % world:
+            raise ValueError(f"seqlen={seqlen} must be a positive multiple of the CP group size {world}")
+        if isinstance(mask, MaskSpec) and mask.has_docs and mask.seqlen != seqlen:
+            raise ValueError(f"the mask's documents cover {mask.seqlen} tokens but seqlen={seqlen}; "
                              "every document must fit in the batch (split or trim documents longer than seqlen)")
+
+    def _plan(self, epsilon, task_overhead_pairs):
         doc_lens = self.mask.doc_lens if self.mask.has_docs else [self.seqlen]
         if self.mask.has_docs and len(doc_lens) != self.mask.doc_of(torch.arange(self.seqlen)).unique().numel():
             raise ValueError("mask doc_ids repeat an id in separate runs; cad needs every document to be one "
@@ -89,13 +99,14 @@ class CAD(base.ContextParallel):
         return plan(doc_lens, self.seqlen // self.world, MaskKind.of(self.mask), epsilon=epsilon,
                     backend=backend, task_overhead_pairs=task_overhead_pairs)
 
-    def _check_agreement(self, error, fingerprint):
-        """One all_gather every rank enters; then every rank raises if any rank failed or
-        the plans differ, so no rank is left waiting in a later collective."""
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else "cpu"
+    @staticmethod
+    def _check_agreement(error, fingerprint, group):
+        """One all_gather every rank of the CP group enters; then every rank raises if any rank
+        failed or the plans differ, so no rank is left waiting in a later collective."""
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
         mine = torch.tensor([fingerprint, 0 if error is None else 1], dtype=torch.long, device=device)
-        every = [torch.zeros_like(mine) for _ in range(self.world)]
-        dist.all_gather(every, mine, group=self.group)
+        every = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
         if error is not None:
             raise error
         bad = [r for r, t in enumerate(every) if int(t[1])]
@@ -105,25 +116,24 @@ class CAD(base.ContextParallel):
             raise ValueError("cad: ranks planned different tasks; give every rank of the CP group the same "
                              "mask (documents, causal, window), seqlen and epsilon")
 
-    def attention(self, q, k, v):
-        tpr = self.index.numel()
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if t.dim() != 3 or t.shape[0] != tpr:
-                raise ValueError(f"cad attention expects {name} of shape [T_local={tpr}, heads, head_dim], got {tuple(t.shape)}")
+    def compute(self, q, k, v, with_lse=True):
+        self.check_inputs(q, k, v)
         t0 = time.perf_counter()
         if self.pingpong:
-            out, timing = PingPong.run(q, k, v, self)
+            out, lse, timing = PingPong.run(q, k, v, self, with_lse)
         else:
-            lay, g = self.layout, self.group
+            lay, g = self.routes, self.group
             q_s, k_s, v_s = exchange(q, lay.q, g), exchange(k, lay.kv, g), exchange(v, lay.kv, g)
             t1 = time.perf_counter()
-            out_s, _ = serve(q_s, k_s, v_s, lay.q_pos, lay.kv_pos, self.mask, scale=self.scale, backend=self.backend)
+            out_s, lse_s = serve(q_s, k_s, v_s, lay.q_pos, lay.kv_pos, self.mask, scale=self.scale, backend=self.backend)
             t2 = time.perf_counter()
             out = exchange(out_s, lay.back, g)
+            # lse [H, T] travels as rows [T, H]
+            lse = exchange(lse_s.t().contiguous(), lay.back, g).t() if with_lse else None
             # blocking collectives: their time is exposed, nothing overlaps (compare ping-pong's wait)
             timing = {"fwd_compute_s": t2 - t1, "fwd_comm_s": (t1 - t0) + (time.perf_counter() - t2)}
         self._record(q, k, time.perf_counter() - t0, timing)
-        return out
+        return out, lse
 
     def _record(self, q, k, seconds, timing):
         p = self.plan
@@ -136,12 +146,17 @@ class CAD(base.ContextParallel):
         self.stats.extra = timing  # ping-pong's backward adds its timings to this dict later
         timing.update({
             "pairs_before": list(p.pairs_before), "pairs_after": list(p.pairs_after),
-            "pairs_imbalance_before": p.imbalance(p.pairs_before), "cost_imbalance_after": p.imbalance(p.cost_after),
+            "pairs_imbalance_before": imbalance(p.pairs_before), "cost_imbalance_after": imbalance(p.cost_after),
             "planner_s": p.planning_s, "attention_fwd_s": seconds, "tasks": len(p.tasks),
         })
 
-    def unshard(self, x_local):
-        """Differentiable gather of every rank's rows: an all-to-all sending all rows to every rank."""
-        n = x_local.shape[0]
-        route = Route(torch.arange(n).repeat(self.world), [n] * self.world, [n] * self.world, None, n * self.world)
-        return exchange(x_local, route, self.group)
+    @classmethod
+    def cost_time(cls, pairs, lay, hw, *, epsilon: float = 0.0, **_):
+        """Every server computes (total pairs / P) * (1 + epsilon); ping-pong hides the
+        shipping of Q/K/V/out behind compute."""
+        p = len(pairs)
+        loc = lay.seqlen // p
+        ship = (p - 1) / p * loc * (2 * lay.hq + 2 * lay.hkv) * lay.head_dim * lay.elem_bytes
+        bal = sum(pairs) / p * (1 + epsilon)
+        return (max(compute_s(bal, lay.hq, lay, hw, False), collective(ship, p, hw)) + hw.call_overhead,
+                max(compute_s(bal, lay.hq, lay, hw, True), collective(ship, p, hw)) + hw.call_overhead)

@@ -59,6 +59,12 @@ def row_pairs(a: int, b: int, doc_len: int, kind: MaskKind) -> int:
     return ramp + w * max(0, b - max(a, w))
 
 
+def doc_pairs(lens, causal: bool = True, window: int | None = None) -> int:
+    """Allowed pairs of a packed sequence of documents `lens`, each attending only itself."""
+    kind = MaskKind(causal=causal, window=window)
+    return sum(row_pairs(0, n, n, kind) for n in lens)
+
+
 def key_range(a: int, b: int, doc_len: int, kind: MaskKind) -> tuple[int, int]:
     """Document offsets [lo, hi) of the keys that queries [a, b) may attend."""
     if not kind.causal:

@@ -5,8 +5,9 @@ import torch
 import kernels
 import parallel
 from kernels import MaskSpec
-from parallel.auto import CPU, Auto, candidates, predicted_time
-from parallel.costmodel import Layout
+from parallel.auto import Auto, candidates, predicted_time
+from parallel.perf.cost import Layout
+from parallel.perf.hardware import CPU
 from tests.distributed import run_ranks
 
 
@@ -14,7 +15,7 @@ def test_choice_is_the_predicted_minimum_and_balances_causal():
     mask, seqlen, world = MaskSpec(causal=True), 4096, 4
     lay = Layout(seqlen, 8, 8, 64)
     scored = {(s, b): predicted_time(s, b, o, mask, seqlen, world, lay, CPU)
-              for s, b, o in candidates(["ring", "allgather", "ulysses"], world, mask)}
+              for s, b, o in candidates(["ring", "allgather", "ulysses"], world, mask, lay)}
     assert scored[("ring", "headtail")] < scored[("ring", "contiguous")]
     assert set(scored) >= {("ring", "headtail"), ("ring", "contiguous"), ("allgather", None), ("ulysses", None)}
 
@@ -63,3 +64,60 @@ def test_choice_strings_round_trip():
     assert parse_choice(text) == ("usp", None, {"ulysses_degree": "2", "ring_degree": "4"})
     assert parse_choice(format_choice("ring", "headtail", {})) == ("ring", "headtail", {})
     assert parse_choice("") is None and parse_choice("ring") is None and parse_choice("ring/headtail/x") is None
+
+
+def _lse_on_ranks(rank, world):
+    torch.manual_seed(0)
+    t, hq, hkv, d = 32, 4, 2, 8
+    mask = MaskSpec.from_doc_lens([12, 20], causal=True)
+    q, k, v, dout = (torch.randn(t, h, d, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
+    dlse = torch.randn(hq, t, dtype=torch.float64)
+    qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
+    ref, ref_lse = kernels.attention(qr, kr, vr, mask)
+    ((ref * dout).sum() + (ref_lse * dlse).sum()).backward()
+    lay = Layout(t, hq, hkv, d)
+    chosen = []
+    for name, extra in [(n, {}) for n in ("ring", "allgather", "ulysses", "usp", "cad")] + [("cad", {"pingpong": True})]:
+        if not candidates([name], world, mask, lay):
+            continue  # no setting on this many ranks (usp needs both degrees above 1)
+        cp = parallel.build("auto", mask, t, num_heads=hq, num_kv_heads=hkv, head_dim=d, candidates=[name], **extra)
+        ql, kl, vl = (cp.shard(x).clone().requires_grad_(True) for x in (q, k, v))
+        out, lse = cp.attention_with_lse(ql, kl, vl)
+        assert torch.allclose(out, cp.shard(ref.detach()), atol=1e-10), name
+        assert torch.allclose(lse, ref_lse.detach()[:, cp.positions], atol=1e-10), name
+        ((out * cp.shard(dout)).sum() + (lse * dlse[:, cp.positions]).sum()).backward()
+        for mine, full in ((ql, qr), (kl, kr), (vl, vr)):
+            assert torch.allclose(mine.grad, cp.shard(full.grad), atol=1e-10), name
+        chosen.append(cp.choice.split("/")[0] + ("+pingpong" if extra else ""))
+    return chosen
+
+
+def test_auto_returns_out_and_lse_for_every_candidate():
+    chosen = run_ranks(_lse_on_ranks, 2)
+    assert chosen[0] == chosen[1] == ["ring", "allgather", "ulysses", "cad", "cad+pingpong"]
+
+
+def test_decision_is_cached_per_shape_and_document_histogram(caplog, monkeypatch):
+    import parallel.auto as auto
+
+    monkeypatch.setattr(auto, "_DECISIONS", {})
+    searched = []
+    real = auto.predicted_time
+    monkeypatch.setattr(auto, "predicted_time", lambda *a: searched.append(a[0]) or real(*a))
+    opts = dict(num_heads=4, num_kv_heads=2, head_dim=8, candidates=["ring", "allgather"])
+    with caplog.at_level("INFO", logger="parallel.auto"):
+        for lens in ([20, 12, 32], [24, 8, 32], [20, 12, 32]):  # same log2 buckets: one search
+            Auto(MaskSpec.from_doc_lens(lens, causal=True), 64, **opts)
+        first = len(searched)
+        Auto(MaskSpec.from_doc_lens([60, 4], causal=True), 64, **opts)   # another histogram
+        Auto(MaskSpec(causal=True), 64, **opts)                          # no documents
+        Auto(MaskSpec(causal=True, window=8), 64, **opts)                # another mask kind
+    chose = [r for r in caplog.records if "parallel=auto chose" in r.getMessage()]
+    assert first == 3 and len(searched) == 4 * first and len(chose) == 4
+
+
+def test_missing_profile_names_the_file():
+    with pytest.raises(ValueError) as err:
+        Auto(MaskSpec(causal=True), 64, num_heads=4, num_kv_heads=4, head_dim=8, hardware="nowhere/cpu.json")
+    assert "nowhere/cpu.json" in str(err.value) and "{hw}" not in str(err.value)
+    assert "--save nowhere/cpu.json" in str(err.value)

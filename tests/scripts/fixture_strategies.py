@@ -10,7 +10,7 @@ import torch.distributed.nn.functional as dist_fn  # autograd-aware all_gather
 
 import kernels
 from parallel.base import ContextParallel, CPStats
-from parallel.costmodel import balancer_rows, mask_keys, pairs_per_rank
+from parallel.perf.cost import balancer_rows, mask_keys, pairs_per_rank
 
 
 class GatherKV(ContextParallel):

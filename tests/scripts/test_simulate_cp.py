@@ -3,10 +3,9 @@ import json
 
 import pytest
 
-from parallel.auto import resolve_hardware
-from parallel.costmodel import attention_flops
-from parallel.simulator import H100, load_hardware, save_hardware
-from scripts.simulate_cp import compare, fit_cpu_profile
+from parallel.perf.calibrate import compare, fit_cpu_profile
+from parallel.perf.cost import attention_flops
+from parallel.perf.hardware import H100, load_hardware, resolve_hardware, save_hardware
 
 
 def _kernel(seqlen, fwd_s, bwd_s, **kw):
@@ -63,3 +62,18 @@ def test_profiles_round_trip_and_bad_files_name_the_problem(tmp_path):
         load_hardware(str(path))
     with pytest.raises(ValueError, match="calibrate"):
         resolve_hardware(str(tmp_path / "missing.json"))
+
+
+def test_predict_takes_the_profile_calibrate_saves(tmp_path, capsys):
+    from parallel.perf.hardware import CPU
+    from scripts.simulate_cp import main
+
+    path = tmp_path / "cpu.json"
+    save_hardware(CPU, str(path))
+    main(["predict", "--hardware", str(path), "--gpus", "2", "--seqlen", "256", "--hq", "4", "--hkv", "4",
+          "--head-dim", "8"])
+    table = capsys.readouterr().out
+    assert "| ring | headtail |" in table and "| cad | headtail |" in table
+    with pytest.raises(SystemExit):
+        main(["predict", "--hardware", str(tmp_path / "none.json")])
+    assert "--hardware=" in capsys.readouterr().err

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from parallel.perf.workload import load_doclens
+
 from .tokenizer import ByteTokenizer
 
 TOKENS_FILE, OFFSETS_FILE, META_FILE = "tokens.bin", "doc_offsets.npy", "meta.json"
@@ -61,21 +63,15 @@ class TokenFileCorpus:
 
 
 class SyntheticCorpus:
-    """`num_docs` documents whose lengths are drawn (seeded) from `doclens` scaled by
-    seqlen / context; each document's tokens are uniform in [0, vocab_size)."""
+    """`num_docs` documents whose lengths are drawn (seeded) from a JSON list of document
+    lengths scaled by seqlen / context; each document's tokens are uniform in [0, vocab_size).
+    `doclens_path` None: $LONGCTX_DOCLENS, else the packaged ProLong mix
+    (`parallel.perf.workload.load_doclens`)."""
 
     def __init__(self, doclens_path: str | None, seqlen: int, context: int, vocab_size: int, seed: int, num_docs: int):
-        if doclens_path:
-            if not Path(doclens_path).is_file():
-                raise ValueError(f"data.doclens={doclens_path!r} does not exist; give a JSON list of document lengths "
-                                 "(or data.doclens=null for documents of length seqlen)")
-            source = np.asarray(json.loads(Path(doclens_path).read_text()), dtype=np.float64)
-            if source.ndim != 1 or source.size == 0 or (source <= 0).any():
-                raise ValueError(f"data.doclens={doclens_path!r} must be a JSON list of positive ints")
-            drawn = np.random.default_rng([seed, 1]).choice(source, size=num_docs)
-            self.lengths = np.maximum(1, np.round(drawn * seqlen / context)).astype(np.int64)
-        else:
-            self.lengths = np.full(num_docs, seqlen, dtype=np.int64)
+        source = np.asarray(load_doclens(doclens_path, "data.doclens"), dtype=np.float64)
+        drawn = np.random.default_rng([seed, 1]).choice(source, size=num_docs)
+        self.lengths = np.maximum(1, np.round(drawn * seqlen / context)).astype(np.int64)
         self.vocab_size, self.seed = vocab_size, seed
 
     def read(self, i: int) -> np.ndarray:

@@ -35,7 +35,7 @@ def _errors(rank, world):
     expect("balancer", lambda: parallel.build("cad", mask, 16, balancer="headtail"))
     cp = parallel.build("cad", mask, 16)
     q = torch.zeros(5, 2, 4)
-    expect("T_local=8", lambda: cp.attention(q, q, q))
+    expect("8 local rows", lambda: cp.attention(q, q, q))
     return seen
 
 

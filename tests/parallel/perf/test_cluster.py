@@ -1,9 +1,10 @@
-"""DP / PP straggling from document-length imbalance (parallel.simulator)."""
+"""DP / PP straggling from document-length imbalance (parallel.perf.cluster)."""
 import random
 
 import pytest
 
-from parallel.simulator import (H100, LLAMA3_8B, dp_step, pipeline_makespan, pp_dp_step, seq_times, straggle)
+from parallel.perf.cluster import LLAMA3_8B, dp_step, pipeline_makespan, pp_dp_step, seq_times, straggle
+from parallel.perf.hardware import H100
 
 
 def _event_sim(times, stages):

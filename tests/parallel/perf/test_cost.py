@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from kernels import MaskSpec
-from parallel.costmodel import (
-    Layout, balancer_rows, bytes_sent, imbalance, keys_per_query, mask_keys, memory_per_rank, pairs_per_rank, ring_reach,
+from parallel.balance import imbalance
+from parallel.perf.cost import (
+    Layout, balancer_rows, bytes_sent, keys_per_query, mask_keys, memory_per_rank, pairs_per_rank, ring_reach,
 )
 from parallel.ring import RingPlan
-from parallel.simulator import H100, predict
+from parallel.perf.hardware import H100
+from parallel.perf.predict import predict
 
 MASKS = [
     MaskSpec(causal=True),
@@ -81,7 +83,7 @@ def test_simulator_prefers_balanced_ring_and_scales_with_work():
 
 
 def test_kernel_rows_count_how_the_cpu_backend_cuts_each_rank():
-    from parallel.costmodel import kernel_rows
+    from parallel.perf.cost import kernel_rows
 
     seqlen, world = 512, 2
     causal = MaskSpec(causal=True)
@@ -137,3 +139,17 @@ def test_memory_formulas_by_hand():
     assert memory_per_rank("ring", big, 8)["peak"] == pytest.approx(memory_per_rank("ring", big, 2)["peak"] / 4)
     with pytest.raises(ValueError, match="no memory model"):
         memory_per_rank("cad", lay, 2)
+
+
+def test_usp_with_one_ring_position_computes_like_ulysses():
+    # with free links, usp over u = P ranks is ulysses: every rank runs the whole sequence
+    # for Hq / P heads (the pairs each rank reports count all Hq heads)
+    from dataclasses import replace
+
+    free = replace(H100, intra_bw=1e30, inter_bw=1e30, intra_lat=0.0, inter_lat=0.0, mem_bw=1e30)
+    lay = Layout(4096, 8, 8, 64, 2)
+    pairs = pairs_per_rank(keys_per_query(4096, causal=True), balancer_rows("headtail", 4096, 4))
+    uly = predict("ulysses", pairs, lay, free)["total_s"]
+    assert predict("usp", pairs, lay, free, ulysses_degree=4)["total_s"] == pytest.approx(uly, rel=1e-9)
+    two = predict("usp", pairs, lay, free, ulysses_degree=2)["total_s"]
+    assert uly <= two < 1.2 * uly  # a 2-position ring of balanced halves: the same work
