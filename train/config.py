@@ -68,8 +68,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda
     dtype: str = "auto"                 # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    mask: str = "document"              # causal | document | window
-    window: int | None = None           # mask=window: tokens see the previous `window` tokens of their document
+    mask: str = "document"              # causal | document | window | document+window (train/validate.py)
+    window: int | None = None           # mask=window / document+window: a token sees the previous `window` tokens
     peak_tflops: float | None = None    # for MFU; None: a table of known accelerators (CPU: unknown, no MFU)
     progress: bool = True
     out_dir: str | None = None          # None: Hydra's run folder

@@ -17,7 +17,7 @@ from train.loop import run
 CONF = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
 STEPS = 20
 
-WINDOW = ["train.mask=window", "train.window=24"]
+WINDOW = ["train.mask=document+window", "train.window=24"]
 # (strategy yaml, its overrides, the single-process baseline's overrides); usp on 2 ranks
 # is one of its degrees x 1; parallel=none with dp=2 must equal one process accumulating 2
 CASES = [

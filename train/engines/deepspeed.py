@@ -93,11 +93,13 @@ class _GroupsMPU:
 
 
 class DeepSpeedEngine(Engine):
+    needs_process_group = True  # a single process gets a 1-rank group from the loop
+
     def __init__(self, model, cfg, groups):
         validate_config(cfg)
         if groups is None or not dist.is_initialized():
-            raise ValueError("engine=deepspeed needs a process group; launch with torchrun "
-                             "(torchrun --nproc_per_node 1 ... for a single process)")
+            raise ValueError("engine=deepspeed needs a process group (train.loop.run makes a 1-rank one for "
+                             "a single process)")
         super().__init__(model, cfg, groups)
         import deepspeed
 
