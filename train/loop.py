@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 
 import torch
@@ -34,7 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import parallel
 from models.llama import Llama
 
-from . import checkpoint, engines, faults
+from . import checkpoint, config, engines, faults
 from .data import build_loader, next_token_labels
 from .dist import describe_timeout, is_timeout
 from .logger import WandbLogger, run_name
@@ -59,13 +58,12 @@ def join_single_process() -> None:
 
 
 def run_dir(tcfg) -> str:
-    if tcfg.out_dir:
-        return tcfg.out_dir
+    """train.out_dir, else Hydra's run folder, else (no Hydra app) config.run_dir's default."""
     from hydra.core.hydra_config import HydraConfig
 
-    if HydraConfig.initialized():
+    if not tcfg.out_dir and HydraConfig.initialized():
         return HydraConfig.get().runtime.output_dir
-    return os.path.join("runs", time.strftime("%Y-%m-%d/%H-%M-%S"))
+    return config.run_dir(tcfg.out_dir)
 
 
 class Trainer:

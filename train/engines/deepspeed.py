@@ -19,6 +19,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..quiet import known_prints
 from .base import Engine
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -108,10 +109,11 @@ class DeepSpeedEngine(Engine):
         self.loss_scale = float(groups.dims.cp)
         mpu = _GroupsMPU(groups)
         self.config = deepspeed_config(cfg, mpu.get_data_parallel_world_size())
-        self.ds, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.config,
-            mpu=mpu, dist_init_required=False,
-        )
+        with known_prints():
+            self.ds, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.config,
+                mpu=mpu, dist_init_required=False,
+            )
         self.module = self.ds
 
     def backward(self, loss, last_micro: bool) -> None:
