@@ -100,8 +100,8 @@ class Trainer:
             self.loader.load_state_dict(client["data"])
             self.info(f"resumed from step {self.step} ({self.ckpt.root})")
         self.guard, self.stop = faults.LossGuard(cfg.faults, self.rank), faults.StopRequest()
-        self.logger = WandbLogger(cfg.logger, self.folder, self.resolved_config(), self.rank,
-                                  name=run_name(cfg))
+        self.config = self.resolved_config()
+        self.logger = WandbLogger(cfg.logger, self.folder, self.config, self.rank, name=run_name(cfg))
         self.peak = peak_flops(self.device, cfg.train.peak_tflops)
         self.cp, self.cp_key, self.choice = None, None, None
 
@@ -137,8 +137,8 @@ class Trainer:
             return
         self.info(f"parallel=auto chose {choice}" + (f" (was {self.choice})" if self.choice else ""))
         if self.choice is None:
-            self.logger.update({"parallel": {"choice": choice, "balancer": cp.balancer}},
-                               run_name(self.cfg, f"auto({choice})"))
+            self.config["parallel"].update(choice=choice, balancer=cp.balancer)
+            self.logger.update({"parallel": self.config["parallel"]}, run_name(self.cfg, f"auto({choice})"))
         self.choice = choice
 
     def micro_step(self, seq, last: bool) -> tuple[torch.Tensor, dict]:

@@ -7,7 +7,7 @@ otherwise) and runs the loop.
 One torchrun job is one run folder: before Hydra composes, the ranks agree on the folder
 through the torchrun agent's key-value store (the first to ask sets it, a restarted attempt
 finds it again) and hand it to conf/config.yaml's hydra.run.dir in $LONGCTX_RUN_DIR; only
-rank 0 writes Hydra's .hydra/ there.
+rank 0 writes Hydra's .hydra/ there and logs INFO (the other ranks log warnings and errors).
 """
 from __future__ import annotations
 
@@ -55,5 +55,6 @@ def main() -> None:
     quiet.install()
     agree_on_run_dir()
     if int(os.environ.get("RANK", "0")) > 0 and "-m" not in sys.argv and "--multirun" not in sys.argv:
-        sys.argv.append("hydra.output_subdir=null")  # rank 0 writes .hydra/ into the shared folder
+        # rank 0 writes .hydra/ into the shared folder and reports; the others only warn
+        sys.argv += ["hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
     app()

@@ -33,7 +33,7 @@ def clean_wandb_env(monkeypatch):
 
 def test_offline_run_has_the_metric_names_and_the_config_as_run(tmp_path, monkeypatch):
     clean_wandb_env(monkeypatch)
-    history = run(config("train.steps=3", "train.peak_tflops=1.0", f"train.out_dir={tmp_path}"))
+    history = run(config("parallel=auto", "train.steps=3", "train.peak_tflops=1.0", f"train.out_dir={tmp_path}"))
     runs = offline_runs(str(tmp_path))
     assert len(runs) == 1
     logged = read_run(runs[0])
@@ -45,6 +45,8 @@ def test_offline_run_has_the_metric_names_and_the_config_as_run(tmp_path, monkey
     assert logged["config"]["model"]["dim"] == 32
     parallel = logged["config"]["parallel"]
     assert (parallel["cp"], parallel["dp"], parallel["tp"], parallel["world"]) == (1, 1, 1, 1)
+    assert parallel["strategy"] == "auto" and parallel["choice"] and parallel["balancer"]
+    assert logged["name"] == f"run-auto({parallel['choice']})"  # outside Hydra there is no experiment / model name
 
 
 def test_a_second_attempt_in_the_same_folder_resumes_the_same_wandb_run(tmp_path, monkeypatch):
