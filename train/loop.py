@@ -67,6 +67,9 @@ def run_dir(tcfg) -> str:
 
 
 class Trainer:
+    """One training run: everything is set up in __init__ (checks first, then the first
+    collective), `train_step` runs one optimizer step, `finish` closes it."""
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.distributed = dist.is_available() and dist.is_initialized()
@@ -111,10 +114,10 @@ class Trainer:
 
     def resolved_config(self) -> dict:
         """The config as run: the grid the world size gave, not the `cp: null` asked for."""
-        config = dataclasses.asdict(self.cfg)
-        config["parallel"].update(dp=self.dims.dp, cp=self.dims.cp, tp=self.dims.tp, world=self.world,
+        values = dataclasses.asdict(self.cfg)
+        values["parallel"].update(dp=self.dims.dp, cp=self.dims.cp, tp=self.dims.tp, world=self.world,
                                   ulysses_degree=self.dims.ulysses_degree, ring_degree=self.dims.ring_degree)
-        return config
+        return values
 
     def client_state(self) -> dict:
         return {"step": self.step, "data": self.loader.state_dict()}
@@ -124,22 +127,23 @@ class Trainer:
         key = tuple(doc_lens) if uses_documents(self.cfg.train.mask) else ()
         if self.cp is None or key != self.cp_key:
             p = self.cfg.parallel
-            self.cp = parallel.build(p.strategy, build_mask(doc_lens, self.cfg.train), self.cfg.data.seqlen,
-                                     group=self.cp_group, mesh=self.groups, balancer=p.balancer, **p.options)
-            self.cp_key = key
-            self.note_choice(self.cp)
+            cp = parallel.build(p.strategy, build_mask(doc_lens, self.cfg.train), self.cfg.data.seqlen,
+                                group=self.cp_group, mesh=self.groups, balancer=p.balancer, **p.options)
+            self.note_strategy(cp, first=self.cp is None)
+            self.cp, self.cp_key = cp, key
         return self.cp
 
-    def note_choice(self, cp) -> None:
-        """parallel=auto: log its choice when it changes, and keep the first in the wandb config."""
+    def note_strategy(self, cp, first: bool) -> None:
+        """The first strategy's balancer (and what parallel=auto chose) into the wandb config and
+        run name; auto's choice logged when it changes."""
         choice = getattr(cp, "choice", None)
-        if choice is None or choice == self.choice:
-            return
-        self.info(f"parallel=auto chose {choice}" + (f" (was {self.choice})" if self.choice else ""))
-        if self.choice is None:
-            self.config["parallel"].update(choice=choice, balancer=cp.balancer)
-            self.logger.update({"parallel": self.config["parallel"]}, run_name(self.cfg, f"auto({choice})"))
-        self.choice = choice
+        if first:
+            self.config["parallel"].update(balancer=cp.balancer, choice=choice)
+            self.logger.update({"parallel": self.config["parallel"]},
+                               run_name(self.cfg, f"auto({choice})" if choice else None))
+        if choice is not None and choice != self.choice:
+            self.info(f"parallel=auto chose {choice}" + (f" (was {self.choice})" if self.choice else ""))
+            self.choice = choice
 
     def micro_step(self, seq, last: bool) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one packed sequence under the CP strategy.  Returns this rank's

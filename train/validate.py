@@ -81,7 +81,8 @@ def validate(cfg, world: int) -> ParallelDims:
         raise ValueError(f"train.window={t.window} must be a positive number of tokens")
     validate_optim(cfg.optim)
     if p.strategy not in parallel.STRATEGIES:
-        raise ValueError(f"parallel.strategy={p.strategy!r} is unknown; choose one of {', '.join(parallel.STRATEGIES)}")
+        raise ValueError(f"parallel.strategy={p.strategy!r} is unknown; "
+                         f"choose one of {', '.join(parallel.STRATEGIES)}")
     if p.tp < 1 or p.dp < 1 or world % (p.tp * p.dp):
         raise ValueError(f"parallel.tp={p.tp} * parallel.dp={p.dp} must divide the number of ranks ({world})")
     if p.tp > 1 and cfg.engine.name != "megatron":
