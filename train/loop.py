@@ -138,7 +138,7 @@ class Trainer:
         run name; auto's choice logged when it changes."""
         choice = getattr(cp, "choice", None)
         if first:
-            self.config["parallel"].update(balancer=cp.balancer, choice=choice)
+            self.config["parallel"].update(balancer=getattr(cp, "balancer", None), choice=choice)  # cad: its planner
             self.logger.update({"parallel": self.config["parallel"]},
                                run_name(self.cfg, f"auto({choice})" if choice else None))
         if choice is not None and choice != self.choice:
