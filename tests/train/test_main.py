@@ -74,3 +74,28 @@ def test_the_gpu_experiment_keeps_its_old_name(name):
 
     cfg = config(f"experiment={name}")
     assert (cfg.model.dim, cfg.data.source, cfg.train.steps) == (512, "synthetic", 200)
+
+
+PROBE = """
+import os, sys, time
+from train import main
+main.agree_on_run_dir()
+print("attempt", os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["LONGCTX_RUN_DIR"], flush=True)
+if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == "1":
+    time.sleep(1.5)
+    sys.exit(1)
+time.sleep(2)
+"""
+
+
+def test_a_restarted_torchrun_attempt_keeps_the_run_folder(tmp_path):
+    (tmp_path / "probe.py").write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if k != RUN_DIR_ENV}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "--max_restarts=1", "probe.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("attempt")]
+    assert sorted(attempt for attempt, _ in seen) == ["0", "0", "1", "1"], proc.stdout
+    assert len({folder for _, folder in seen}) == 1, seen  # attempt 1 starts seconds later
