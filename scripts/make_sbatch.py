@@ -72,7 +72,7 @@ def render(overrides: list[str]) -> str:
     world = cfg.hydra.launcher.nodes * per_node
     with open_dict(cfg):
         del cfg.hydra
-    from train.loop import validate
+    from train.validate import validate
 
     validate(OmegaConf.to_object(cfg), world)
     train_overrides = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra"))]

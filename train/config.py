@@ -5,6 +5,8 @@ wrong type in a YAML or on the command line fails at composition, before any ran
 """
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,8 +70,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda
     dtype: str = "auto"                 # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    mask: str = "document"              # causal | document | window
-    window: int | None = None           # mask=window: tokens see the previous `window` tokens of their document
+    mask: str = "document"              # causal | document | window | document+window (train/validate.py)
+    window: int | None = None           # mask=window / document+window: a token sees the previous `window` tokens
     peak_tflops: float | None = None    # for MFU; None: a table of known accelerators (CPU: unknown, no MFU)
     progress: bool = True
     out_dir: str | None = None          # None: Hydra's run folder
@@ -111,9 +113,38 @@ class Config:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+RUN_DIR_ENV = "LONGCTX_RUN_DIR"
+NOT_TRAINING_GROUPS = ("hydra", "bench")  # Hydra's own settings; the benchmark's config (scripts/bench_cp.py)
+
+
+def config_groups() -> str:
+    """One line per training config group of conf/ and its options, for --help."""
+    lines = []
+    for group in sorted(os.listdir(CONF_DIR)):
+        folder = os.path.join(CONF_DIR, group)
+        if os.path.isdir(folder) and group not in NOT_TRAINING_GROUPS:
+            options = sorted(name[:-5] for name in os.listdir(folder) if name.endswith(".yaml"))
+            lines.append(f"  {group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+def run_dir(out_dir: str | None) -> str:
+    """Hydra's run folder: train.out_dir when set (so it holds .hydra/ and train.log too), else
+    $LONGCTX_RUN_DIR (set by train/main.py so every rank of one torchrun job agrees), else
+    runs/<date>/<time>."""
+    if out_dir:
+        return out_dir
+    return os.environ.get(RUN_DIR_ENV) or os.path.join("runs", time.strftime("%Y-%m-%d/%H-%M-%S"))
+
+
 def register() -> None:
-    """Store the schema as `base_config`, which conf/config.yaml names first in its defaults,
-    and the `div` resolver the YAML uses for derived sizes (head_dim = dim / n_heads)."""
+    """Store the schema as `base_config`, which conf/config.yaml names first in its defaults;
+    the `div` resolver the YAML uses for derived sizes (head_dim = dim / n_heads), `run_dir`
+    for hydra.run.dir and `train_config_groups` for --help."""
     ConfigStore.instance().store(name="base_config", node=Config)
-    if not OmegaConf.has_resolver("div"):
-        OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
+    resolvers = {"div": lambda a, b: int(a) // int(b), "run_dir": run_dir,
+                 "train_config_groups": config_groups}
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=name == "run_dir")

@@ -40,7 +40,7 @@ def init_from_config(cfg) -> bool:
     while a bad setting can still raise, so every rank fails with the same ValueError."""
     from omegaconf import DictConfig, OmegaConf
 
-    from .loop import validate
+    from .validate import validate
 
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)

@@ -1,24 +1,26 @@
 """The training loop: one packed sequence per micro-batch, core attention by the CP strategy.
 
-Per micro-batch: the sequence's documents give the mask; `parallel.build` (rebuilt every
-step, no collectives) picks this rank's rows and their global positions; the model runs on
-those rows with `cp.attention` as its core attention.
+Per micro-batch: the sequence's documents give the mask; the CP strategy, built over the
+rank grid (`mesh=`, so usp uses its Ulysses / ring subgroups) and rebuilt only when the
+mask changes (document lengths; never for train.mask=causal or window), picks this rank's
+rows and their global positions; the model runs on those rows with `cp.attention` as its
+core attention.
 Loss invariant: loss_local = sum of cross-entropy over this rank's rows / number of
 predicted tokens in the WHOLE sequence, so the sum over the CP group is the DP rank's mean
 loss; the engine turns gradients into SUM over CP, MEAN over DP, and the logged loss is
 reduced the same way (sum over CP, mean over DP).
 
-Around the step: resume from the newest complete checkpoint and a checkpoint every
-checkpoint.every steps (train/checkpoint.py), the non-finite-loss policy and stop requests
-(train/faults.py), and a lost peer reported with the step it happened at (train/dist.py).
+`Trainer` is set up once (`__init__`), runs one optimizer step at a time (`train_step`) and
+ends with `finish`. Around the step: resume from the newest complete checkpoint and a
+checkpoint every checkpoint.every steps (train/checkpoint.py), the non-finite-loss policy
+and stop requests (train/faults.py), and a lost peer reported with the step it happened at
+(train/dist.py). Status goes through `logging` (rank 0), the progress bar to the terminal.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import math
-import os
 import time
 
 import torch
@@ -26,82 +28,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import parallel
-from kernels import MaskSpec
 from models.llama import Llama
-from parallel.groups import ParallelDims
 
-from . import checkpoint, engines, faults
-from .dist import describe_timeout, is_timeout
+from . import checkpoint, config, engines, faults
 from .data import build_loader, next_token_labels
-from .logger import WandbLogger
+from .dist import describe_timeout, is_timeout
+from .logger import WandbLogger, run_name
 from .metrics import attention_pairs, peak_flops, peak_memory_mb, throughput
+from .validate import build_mask, resolve_device, uses_documents, validate
 
-MASKS = ("causal", "document", "window")
 log = logging.getLogger(__name__)
 
 
-def resolve_device(tcfg) -> tuple[torch.device, torch.dtype | None]:
-    """(device, autocast dtype or None for plain float32)."""
-    if tcfg.device == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    elif tcfg.device in ("cpu", "cuda"):
-        name = tcfg.device
-    else:
-        raise ValueError(f"train.device={tcfg.device!r} is unknown; choose auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-    device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device("cpu")
-    dtypes = {"float32": None, "bfloat16": torch.bfloat16, "auto": torch.bfloat16 if name == "cuda" else None}
-    if tcfg.dtype not in dtypes:
-        raise ValueError(f"train.dtype={tcfg.dtype!r} is unknown; choose auto, float32 or bfloat16")
-    return device, dtypes[tcfg.dtype]
-
-
-def build_mask(doc_lens: list[int], tcfg) -> MaskSpec:
-    if tcfg.mask == "causal":
-        return MaskSpec(causal=True)
-    if tcfg.mask == "document":
-        return MaskSpec.from_doc_lens(doc_lens, causal=True)
-    return MaskSpec.from_doc_lens(doc_lens, causal=True, window=tcfg.window)
-
-
-def validate(cfg, world: int) -> ParallelDims:
-    """Every setting checked here, identically on every rank, before any collective."""
-    t, p = cfg.train, cfg.parallel
-    if t.steps < 1 or t.grad_accum < 1:
-        raise ValueError(f"train.steps={t.steps} and train.grad_accum={t.grad_accum} must be >= 1")
-    if t.mask not in MASKS:
-        raise ValueError(f"train.mask={t.mask!r} is unknown; choose one of {', '.join(MASKS)}")
-    if (t.mask == "window") != (t.window is not None):
-        raise ValueError(f"train.mask={t.mask} with train.window={t.window}: train.mask=window needs "
-                         f"train.window=<tokens>, and train.window is only for train.mask=window")
-    if p.strategy not in parallel.STRATEGIES:
-        raise ValueError(f"parallel.strategy={p.strategy!r} is unknown; choose one of {', '.join(parallel.STRATEGIES)}")
-    if p.tp < 1 or p.dp < 1 or world % (p.tp * p.dp):
-        raise ValueError(f"parallel.tp={p.tp} * parallel.dp={p.dp} must divide the number of ranks ({world})")
-    if p.tp > 1 and cfg.engine.name != "megatron":
-        raise ValueError(f"parallel.tp={p.tp} needs engine=megatron (engine={cfg.engine.name} has no tensor parallelism)")
-    cp = world // (p.tp * p.dp) if p.cp is None else p.cp
-    if p.strategy == "none" and cp != 1:
-        raise ValueError(
-            f"parallel.strategy=none with cp={cp} ranks would repeat the same sequence on each; "
-            f"set parallel.dp={world // p.tp} (data parallel) or choose a CP strategy"
-        )
-    if cfg.engine.name not in engines.ENGINES:
-        raise ValueError(f"engine.name={cfg.engine.name!r} is unknown; choose one of {', '.join(engines.ENGINES)}")
-    engine_module = importlib.import_module(engines.ENGINES[cfg.engine.name].split(":")[0])
-    if hasattr(engine_module, "validate_config"):
-        engine_module.validate_config(cfg)
-    checkpoint.validate(cfg.checkpoint)
-    faults.validate(cfg.faults, cfg.checkpoint)
-    opts = p.options
-    return ParallelDims(world, tp=p.tp, cp=cp, dp=p.dp,
-                        ulysses_degree=opts.get("ulysses_degree"), ring_degree=opts.get("ring_degree"))
-
-
-def build_groups(cfg, dims: ParallelDims):
+def build_groups(cfg, dims):
     """megatron takes its rank grid from megatron-core's parallel_state; the others from ParallelDims."""
     if cfg.engine.name == "megatron":
         from .engines.megatron import build_groups as megatron_groups
@@ -110,37 +52,199 @@ def build_groups(cfg, dims: ParallelDims):
     return dims.build()
 
 
+def join_single_process() -> None:
+    """A 1-rank gloo group for an engine that needs one (DeepSpeed) in a plain single process."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
 def run_dir(tcfg) -> str:
-    if tcfg.out_dir:
-        return tcfg.out_dir
+    """train.out_dir, else Hydra's run folder, else (no Hydra app) config.run_dir's default."""
     from hydra.core.hydra_config import HydraConfig
 
-    if HydraConfig.initialized():
+    if not tcfg.out_dir and HydraConfig.initialized():
         return HydraConfig.get().runtime.output_dir
-    return os.path.join("runs", time.strftime("%Y-%m-%d/%H-%M-%S"))
+    return config.run_dir(tcfg.out_dir)
 
 
-def micro_step(seq, cfg, engine, cp_group, device, amp_dtype, last: bool) -> tuple[torch.Tensor, dict]:
-    """Forward and backward of one packed sequence under the CP strategy.  Returns this rank's
-    loss (the module docstring's loss_local, detached) and the attention work it did."""
-    mask = build_mask(seq.doc_lens, cfg.train)
-    seqlen = cfg.data.seqlen
-    cp = parallel.build(cfg.parallel.strategy, mask, seqlen, group=cp_group,
-                        balancer=cfg.parallel.balancer, **cfg.parallel.options)
-    labels = next_token_labels(seq.tokens, None if cfg.train.mask == "causal" else seq.doc_lens)
-    n_predicted = max(int((labels != -100).sum()), 1)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = engine.module(cp.shard(seq.tokens.to(device)), cp.positions.to(device), cp.attention)
-    local = F.cross_entropy(logits.float(), cp.shard(labels.to(device)), ignore_index=-100, reduction="sum")
-    loss = local / n_predicted
-    engine.backward(loss, last_micro=last)
-    stats = cp.stats
-    cp_rank = dist.get_rank(cp_group) if cp_group is not None else 0
-    return loss.detach(), {
-        "pairs": attention_pairs(seq.doc_lens, seqlen, cfg.train.mask, cfg.train.window),
-        "attn_imbalance": stats.imbalance("pairs") if stats.pairs else 1.0,
-        "comm_bytes": stats.bytes_sent[cp_rank] + stats.bytes_recv[cp_rank] if stats.bytes_sent else 0,
-    }
+class Trainer:
+    """One training run: everything is set up in __init__ (checks first, then the first
+    collective), `train_step` runs one optimizer step, `finish` closes it."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
+        self.dims = validate(cfg, self.world)
+        self.device, self.amp_dtype = resolve_device(cfg.train)
+        self.loader = build_loader(cfg.data, cfg.train.seed, self.dims.coordinates(self.rank)[0], self.dims.dp)
+        vocab = cfg.model.vocab_size or self.loader.corpus.vocab_size
+        if vocab < self.loader.corpus.vocab_size:
+            raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary "
+                             f"({self.loader.corpus.vocab_size})")
+        # the first collective: every check is above
+        self.groups = build_groups(cfg, self.dims) if self.distributed else None
+        self.cp_group = self.groups.cp_group if self.groups else None
+        self.info(f"world {self.world}: dp={self.dims.dp} cp={self.dims.cp} tp={self.dims.tp}, "
+                  f"engine={cfg.engine.name}, parallel={cfg.parallel.strategy}")
+        torch.manual_seed(cfg.train.seed)
+        model = Llama(dataclasses.replace(cfg.model, vocab_size=vocab)).to(self.device)
+        # FLOPs per token are linear in attention pairs; taken from the whole model before an
+        # engine shards it (TP) or partitions it (ZeRO-3)
+        self.dense_flops = model.flops_per_token(0.0)
+        self.pair_flops = model.flops_per_token(1.0) - self.dense_flops
+        self.engine = engines.build(cfg.engine.name, model, cfg, self.groups)
+        self.folder = run_dir(cfg.train)
+        self.ckpt = None
+        if cfg.checkpoint.every or cfg.checkpoint.resume:
+            self.ckpt = checkpoint.Checkpointer(cfg.checkpoint, self.rank, self.world, self.folder)
+        client = self.ckpt.resume(self.engine) if self.ckpt else None
+        self.step = client["step"] if client else 0
+        if client:
+            self.loader.load_state_dict(client["data"])
+            self.info(f"resumed from step {self.step} ({self.ckpt.root})")
+        self.guard, self.stop = faults.LossGuard(cfg.faults, self.rank), faults.StopRequest()
+        self.config = self.resolved_config()
+        self.logger = WandbLogger(cfg.logger, self.folder, self.config, self.rank, name=run_name(cfg))
+        self.peak = peak_flops(self.device, cfg.train.peak_tflops)
+        self.cp, self.cp_key, self.choice = None, None, None
+
+    def info(self, message: str) -> None:
+        if self.rank == 0:
+            log.info(message)
+
+    def resolved_config(self) -> dict:
+        """The config as run: the grid the world size gave, not the `cp: null` asked for."""
+        values = dataclasses.asdict(self.cfg)
+        values["parallel"].update(dp=self.dims.dp, cp=self.dims.cp, tp=self.dims.tp, world=self.world,
+                                  ulysses_degree=self.dims.ulysses_degree, ring_degree=self.dims.ring_degree)
+        return values
+
+    def client_state(self) -> dict:
+        return {"step": self.step, "data": self.loader.state_dict()}
+
+    def strategy(self, doc_lens: list[int]):
+        """The CP strategy for this sequence's mask, rebuilt only when the mask changes."""
+        key = tuple(doc_lens) if uses_documents(self.cfg.train.mask) else ()
+        if self.cp is None or key != self.cp_key:
+            p = self.cfg.parallel
+            cp = parallel.build(p.strategy, build_mask(doc_lens, self.cfg.train), self.cfg.data.seqlen,
+                                group=self.cp_group, mesh=self.groups, balancer=p.balancer, **p.options)
+            self.note_strategy(cp, first=self.cp is None)
+            self.cp, self.cp_key = cp, key
+        return self.cp
+
+    def note_strategy(self, cp, first: bool) -> None:
+        """The first strategy's balancer (and what parallel=auto chose) into the wandb config and
+        run name; auto's choice logged when it changes."""
+        choice = getattr(cp, "choice", None)
+        if first:
+            self.config["parallel"].update(balancer=getattr(cp, "balancer", None), choice=choice)  # cad: its planner
+            self.logger.update({"parallel": self.config["parallel"]},
+                               run_name(self.cfg, f"auto({choice})" if choice else None))
+        if choice is not None and choice != self.choice:
+            self.info(f"parallel=auto chose {choice}" + (f" (was {self.choice})" if self.choice else ""))
+            self.choice = choice
+
+    def micro_step(self, seq, last: bool) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of one packed sequence under the CP strategy.  Returns this rank's
+        loss (the module docstring's loss_local, detached) and the attention work it did."""
+        t, seqlen, device = self.cfg.train, self.cfg.data.seqlen, self.device
+        cp = self.strategy(seq.doc_lens)
+        labels = next_token_labels(seq.tokens, seq.doc_lens if uses_documents(t.mask) else None)
+        n_predicted = max(int((labels != -100).sum()), 1)
+        amp = self.amp_dtype
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = self.engine.module(cp.shard(seq.tokens.to(device)), cp.positions.to(device), cp.attention)
+        local = F.cross_entropy(logits.float(), cp.shard(labels.to(device)), ignore_index=-100, reduction="sum")
+        loss = local / n_predicted
+        self.engine.backward(loss, last_micro=last)
+        stats = cp.stats
+        cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else 0
+        return loss.detach(), {
+            "pairs": attention_pairs(seq.doc_lens, seqlen, t.mask, t.window),
+            "attn_imbalance": stats.imbalance("pairs") if stats.pairs else 1.0,
+            "comm_bytes": stats.bytes_sent[cp_rank] + stats.bytes_recv[cp_rank] if stats.bytes_sent else 0,
+        }
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_step(self) -> dict | None:
+        """One optimizer step over train.grad_accum micro-batches; its metrics, or None when a
+        non-finite loss rewound the run to the last checkpoint."""
+        self.step += 1
+        accum, seqlen = self.cfg.train.grad_accum, self.cfg.data.seqlen
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        pairs = comm = 0
+        imbalance, sequences = [], []
+        for micro in range(accum):
+            seq = next(self.loader)
+            sequences.append(seq.index)
+            loss, work = self.micro_step(seq, last=micro == accum - 1)
+            loss_sum += loss / accum
+            pairs += work["pairs"]
+            comm += work["comm_bytes"]
+            imbalance.append(work["attn_imbalance"])
+        local_finite = bool(torch.isfinite(loss_sum))
+        if self.distributed:  # before the step, so that every rank takes the same branch below
+            dist.all_reduce(loss_sum, group=self.groups.dp_cp_group)
+            loss_sum /= self.dims.dp
+        self.sync()
+        t1 = time.perf_counter()
+        loss_value = float(loss_sum)
+        action = self.guard.check(loss_value, self.step, sequences, local_finite)
+        if action == "ok":
+            out = self.engine.step()
+        else:
+            out = {"grad_norm": math.nan, "lr": self.engine.optimizer.param_groups[0]["lr"]}
+            faults.discard_gradients(self.engine)
+            if action == "rewind":  # model, optimizer and RNG go back; the data moves on
+                self.step = self.ckpt.rewind(self.engine)["step"]
+                self.info(f"non-finite loss: rewound to step {self.step}")
+                return None
+        self.sync()
+        t2 = time.perf_counter()
+        flops_per_token = self.dense_flops + self.pair_flops * pairs / (seqlen * accum)
+        return {
+            "step": self.step, "loss": loss_value, "lr": out["lr"], "grad_norm": out["grad_norm"],
+            **throughput(tokens=seqlen * accum * self.dims.dp, step_s=t2 - t0, world=self.world,
+                         flops_per_token=flops_per_token, peak=self.peak),
+            "attn_imbalance": sum(imbalance) / len(imbalance),
+            "comm_bytes": comm,
+            "memory/peak_mb": peak_memory_mb(self.device),
+            "time/step_s": t2 - t0, "time/fwd_bwd_s": t1 - t0, "time/optim_s": t2 - t1,
+        }
+
+    def report(self, metrics: dict) -> None:
+        """wandb every logger.log_every steps (and the last); a log line too without a progress bar."""
+        step = metrics["step"]
+        if step % self.cfg.logger.log_every == 0 or step == self.cfg.train.steps:
+            self.logger.log(metrics, step)
+            if not self.cfg.train.progress:
+                self.info(f"step {step} loss {metrics['loss']:.6f} grad_norm {metrics['grad_norm']:.4f} "
+                          f"lr {metrics['lr']:.3e} tokens_per_s {metrics['tokens_per_s']:.0f}")
+
+    def checkpoint_or_stop(self, stop_at_step: int | None) -> bool:
+        """Save when due; on a stop request (or stop_at_step) save now and say so. True: stop."""
+        saved = self.ckpt.maybe_save(self.step, self.engine, self.client_state) if self.ckpt else None
+        if not (self.stop.requested(self.device) or self.step == stop_at_step):
+            return False
+        if self.ckpt and not saved:
+            self.ckpt.save(self.step, self.engine, self.client_state())
+        self.info(f"stopped after step {self.step}" + (" (checkpointed)" if self.ckpt else ""))
+        return True
+
+    def finish(self, history: list[dict]) -> None:
+        """Close wandb and log the summary line (rank 0)."""
+        self.logger.finish()
+        if history:
+            tail = history[-max(len(history) // 10, 1):]
+            self.info(f"trained {len(history)} steps: loss {history[0]['loss']:.3f} (first step) -> "
+                      f"{sum(m['loss'] for m in tail) / len(tail):.3f} (mean of the last {len(tail)}), "
+                      f"{sum(m['tokens_per_s'] for m in history) / len(history):.0f} tokens/s; "
+                      f"wandb: {self.logger.dir or 'off'}")
 
 
 def run(cfg, stop_at_step: int | None = None) -> list[dict]:
@@ -149,120 +253,40 @@ def run(cfg, stop_at_step: int | None = None) -> list[dict]:
     preemption does: checkpoint (when checkpointing is on), then return."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    dims = validate(cfg, world)
-    device, amp_dtype = resolve_device(cfg.train)
-    loader = build_loader(cfg.data, cfg.train.seed, dims.coordinates(rank)[0], dims.dp)
-    vocab = cfg.model.vocab_size or loader.corpus.vocab_size
-    if vocab < loader.corpus.vocab_size:
-        raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({loader.corpus.vocab_size})")
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
-    groups = build_groups(cfg, dims) if distributed else None  # the first collective: every check is above
-    cp_group = groups.cp_group if groups else None
-    if rank == 0 and not cfg.train.progress:
-        print(f"world {world}: dp={dims.dp} cp={dims.cp} tp={dims.tp}, engine={cfg.engine.name}, "
-              f"parallel={cfg.parallel.strategy}", flush=True)
-    torch.manual_seed(cfg.train.seed)
-    model = Llama(model_cfg).to(device)
-    # FLOPs per token are linear in attention pairs; taken from the whole model before an
-    # engine shards it (TP) or partitions it (ZeRO-3)
-    dense_flops = model.flops_per_token(0.0)
-    pair_flops = model.flops_per_token(1.0) - dense_flops
-    engine = engines.build(cfg.engine.name, model, cfg, groups)
-    ckpt = None
-    if cfg.checkpoint.every or cfg.checkpoint.resume:
-        ckpt = checkpoint.Checkpointer(cfg.checkpoint, rank, world, run_dir(cfg.train))
-    client = ckpt.resume(engine) if ckpt else None
-    step = client["step"] if client else 0
-    if client:
-        loader.load_state_dict(client["data"])
-        if rank == 0:
-            print(f"resumed from step {step} ({ckpt.root})", flush=True)
-    guard, stop = faults.LossGuard(cfg.faults, rank), faults.StopRequest()
-    logger = WandbLogger(cfg.logger, run_dir(cfg.train), dataclasses.asdict(cfg), rank)
-    peak = peak_flops(device, cfg.train.peak_tflops)
-    seqlen, accum = cfg.data.seqlen, cfg.train.grad_accum
-
-    def client_state():
-        return {"step": step, "data": loader.state_dict()}
-
-    history, smooth = [], None
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=rank != 0 or not cfg.train.progress, desc="train",
-               unit="step")
+    own_group = not dist.is_initialized() and engines.needs_process_group(cfg.engine.name)
+    if own_group:
+        join_single_process()
     try:
-        while step < cfg.train.steps:
-            step += 1
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            pairs = comm = 0
-            imbalance, sequences = [], []
-            for micro in range(accum):
-                seq = next(loader)
-                sequences.append(seq.index)
-                loss, work = micro_step(seq, cfg, engine, cp_group, device, amp_dtype, last=micro == accum - 1)
-                loss_sum += loss / accum
-                pairs += work["pairs"]
-                comm += work["comm_bytes"]
-                imbalance.append(work["attn_imbalance"])
-            local_finite = bool(torch.isfinite(loss_sum))
-            if distributed:  # before the step, so that every rank takes the same branch below
-                dist.all_reduce(loss_sum, group=groups.dp_cp_group)
-                loss_sum /= dims.dp
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t1 = time.perf_counter()
-            loss_value = float(loss_sum)
-            action = guard.check(loss_value, step, sequences, local_finite)
-            if action == "ok":
-                out = engine.step()
-            else:
-                out = {"grad_norm": math.nan, "lr": engine.optimizer.param_groups[0]["lr"]}
-                faults.discard_gradients(engine)
-                if action == "rewind":  # model, optimizer and RNG go back; the data moves on
-                    step = ckpt.rewind(engine)["step"]
-                    if rank == 0:
-                        print(f"non-finite loss: rewound to step {step}", flush=True)
+        return train(Trainer(cfg), stop_at_step)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def train(trainer: Trainer, stop_at_step: int | None) -> list[dict]:
+    cfg = trainer.cfg
+    history, smooth = [], None
+    bar = tqdm(total=cfg.train.steps, initial=trainer.step, disable=trainer.rank != 0 or not cfg.train.progress,
+               desc="train", unit="step")
+    try:
+        with logging_redirect_tqdm():
+            while trainer.step < cfg.train.steps:
+                metrics = trainer.train_step()
+                if metrics is None:
                     continue
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t2 = time.perf_counter()
-            flops_per_token = dense_flops + pair_flops * pairs / (seqlen * accum)
-            metrics = {
-                "step": step, "loss": loss_value, "lr": out["lr"], "grad_norm": out["grad_norm"],
-                **throughput(tokens=seqlen * accum * dims.dp, step_s=t2 - t0, world=world,
-                             flops_per_token=flops_per_token, peak=peak),
-                "attn_imbalance": sum(imbalance) / len(imbalance),
-                "comm_bytes": comm,
-                "memory/peak_mb": peak_memory_mb(device),
-                "time/step_s": t2 - t0, "time/fwd_bwd_s": t1 - t0, "time/optim_s": t2 - t1,
-            }
-            history.append(metrics)
-            if step % cfg.logger.log_every == 0 or step == cfg.train.steps:
-                logger.log(metrics, step)
-                if rank == 0 and not cfg.train.progress:
-                    print(f"step {step} loss {loss_value:.6f} grad_norm {out['grad_norm']:.4f} lr {out['lr']:.3e} "
-                          f"tokens_per_s {metrics['tokens_per_s']:.0f}", flush=True)
-            smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
-            bar.update()
-            bar.set_postfix(loss=f"{loss_value:.3f}", avg=f"{smooth:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            saved = ckpt.maybe_save(step, engine, client_state) if ckpt else None
-            if stop.requested(device) or step == stop_at_step:
-                if ckpt and not saved:
-                    ckpt.save(step, engine, client_state())
-                if rank == 0:
-                    print(f"stopped after step {step}" + (" (checkpointed)" if ckpt else ""), flush=True)
-                break
+                history.append(metrics)
+                trainer.report(metrics)
+                smooth = metrics["loss"] if smooth is None else 0.9 * smooth + 0.1 * metrics["loss"]
+                bar.update()
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", avg=f"{smooth:.3f}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if trainer.checkpoint_or_stop(stop_at_step):
+                    break
     except (RuntimeError, dist.DistError) as e:
-        if distributed and is_timeout(e):
-            raise RuntimeError(describe_timeout(e, step, cfg.train.dist_timeout_s)) from e
+        if trainer.distributed and is_timeout(e):
+            raise RuntimeError(describe_timeout(e, trainer.step, cfg.train.dist_timeout_s)) from e
         raise
     finally:
         bar.close()
-    logger.finish()
-    if rank == 0 and history:
-        tail = history[-max(len(history) // 10, 1):]
-        log.info("trained %d steps: loss %.3f (first step) -> %.3f (mean of the last %d), %.0f tokens/s; wandb: %s",
-                 len(history), history[0]["loss"], sum(m["loss"] for m in tail) / len(tail), len(tail),
-                 sum(m["tokens_per_s"] for m in history) / len(history), logger.dir or "off")
+    trainer.finish(history)
     return history

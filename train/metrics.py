@@ -15,9 +15,9 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 
 
 def attention_pairs(doc_lens: list[int], seqlen: int, mask: str, window: int | None) -> int:
-    """Allowed (query, key) pairs of one packed sequence under the loop's mask kinds."""
-    lens = [seqlen] if mask == "causal" else doc_lens
-    if mask == "window":
+    """Allowed (query, key) pairs of one packed sequence under train.mask (train/validate.py's kinds)."""
+    lens = doc_lens if "document" in mask else [seqlen]
+    if "window" in mask:
         w = int(window)
         return sum(n * (n + 1) // 2 if n <= w else w * (w + 1) // 2 + (n - w) * w for n in lens)
     return sum(n * (n + 1) // 2 for n in lens)

@@ -17,7 +17,7 @@ from train.loop import run
 CONF = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
 STEPS = 20
 
-WINDOW = ["train.mask=window", "train.window=24"]
+WINDOW = ["train.mask=document+window", "train.window=24"]
 # (strategy yaml, its overrides, the single-process baseline's overrides); usp on 2 ranks
 # is one of its degrees x 1; parallel=none with dp=2 must equal one process accumulating 2
 CASES = [
@@ -59,3 +59,35 @@ def test_two_rank_losses_match_single_process(tmp_path):
     for (strategy, extra, base), rank0, rank1 in zip(CASES, *per_rank):
         assert rank0 == rank1, f"{strategy} {extra}: ranks disagree on the logged loss"
         assert rank0 == pytest.approx(baselines[tuple(base)], abs=1e-4), f"{strategy} {extra}"
+
+
+def usp_on_the_mesh(rank, world, cfg):
+    """Train with usp, counting strategy builds; report the losses and whether the Ulysses
+    all-to-all ran over the rank grid's ulysses group."""
+    import train.loop as loop
+
+    builds = []
+    build = loop.parallel.build
+
+    def counting_build(*args, **kwargs):
+        builds.append(kwargs.get("mesh"))
+        return build(*args, **kwargs)
+
+    loop.parallel.build = counting_build
+    try:
+        trainer = loop.Trainer(cfg)
+        losses = [m["loss"] for m in loop.train(trainer, None)]
+    finally:
+        loop.parallel.build = build
+    return {"losses": losses, "builds": len(builds), "mesh_given": all(m is trainer.groups for m in builds),
+            "uses_ulysses_group": trainer.cp.exchange.group is trainer.groups.ulysses_group}
+
+
+def test_usp_uses_the_grids_ulysses_group_and_is_built_once_for_a_causal_mask(tmp_path):
+    causal = ["train.mask=causal", "train.steps=3"]
+    baseline = [m["loss"] for m in run(config("none", causal, str(tmp_path)))]
+    cfg = config("usp", [*causal, "parallel.options.ulysses_degree=2"], str(tmp_path))
+    for result in run_ranks(usp_on_the_mesh, 2, cfg):
+        assert result["uses_ulysses_group"] and result["mesh_given"]
+        assert result["builds"] == 1, "a causal mask is the same every step: one strategy for the run"
+        assert result["losses"] == pytest.approx(baseline, abs=1e-4)

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from tests.distributed import run_ranks
 from train.config import register
-from train.loop import run, validate
+from train.loop import run
+from train.validate import validate
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
 STEPS = 10

@@ -15,8 +15,8 @@ from kernels import MaskSpec
 from models.llama import Llama, LlamaConfig
 from train.config import register
 from train.engines import build
-from train.loop import validate
 from train.optim import warmup_cosine
+from train.validate import validate
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -59,6 +59,11 @@ def test_warmup_then_cosine():
 
 @pytest.mark.parametrize("overrides, world, match", [
     (["train.mask=window"], 1, "train.window"),
+    (["train.mask=document+window"], 1, "train.window"),
+    (["train.window=8"], 1, "train.window is only for those"),
+    (["optim.lr=-1"], 1, r"optim.lr=-1.0 must be a positive learning rate"),
+    (["optim.betas=[0.9,1.5]"], 1, r"optim.betas=\[0.9, 1.5\] must be two numbers in \[0, 1\)"),
+    (["optim.warmup_steps=-2"], 1, "optim.warmup_steps=-2 must be >= 0"),
     (["train.mask=sliding"], 1, "train.mask"),
     (["parallel.dp=3"], 2, "parallel.dp"),
     ([], 2, "parallel.strategy=none with cp=2"),
@@ -104,9 +109,10 @@ def test_trains_on_a_prepared_token_folder(tmp_path):
         run(config("data=tokens", f"data.path={tmp_path / 'tok'}", "model.vocab_size=100", *common))
 
 
-@pytest.mark.parametrize("mask, window", [("causal", None), ("document", None), ("window", 5)])
+@pytest.mark.parametrize("mask, window", [("causal", None), ("document", None), ("window", 5),
+                                          ("document+window", 5)])
 def test_attention_pairs_match_the_dense_mask(mask, window):
-    from train.loop import build_mask
+    from train.validate import build_mask
     from train.metrics import attention_pairs
 
     doc_lens = [3, 9, 1, 12]

@@ -44,7 +44,8 @@ def offline_runs(run_dir: str) -> list[str]:
 
 
 def read_run(path: str, wait_s: float = 30.0) -> dict:
-    """{'history': [ {key: json value} per logged step ], 'config': {key: json value}}.
+    """{'history': [ {key: json value} per logged step ], 'config': {key: json value}, 'name': the last
+    display name}.
 
     wandb's service may still be writing the log when run.finish() has returned; wait (up
     to wait_s) for the run's exit record."""
@@ -54,13 +55,14 @@ def read_run(path: str, wait_s: float = 30.0) -> dict:
     deadline = time.time() + wait_s
     while not any(r.WhichOneof("record_type") == "exit" for r in records(path)) and time.time() < deadline:
         time.sleep(0.2)
-    history, config = [], {}
+    history, config, name = [], {}, None
     for r in records(path):
         kind = r.WhichOneof("record_type")
         if kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
         elif kind == "run":
             config.update({i.key: json.loads(i.value_json) for i in r.run.config.update})
+            name = r.run.display_name or name
         elif kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in r.config.update})
-    return {"history": history, "config": config}
+    return {"history": history, "config": config, "name": name}

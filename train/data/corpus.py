@@ -35,7 +35,8 @@ class StdlibCorpus:
         keep = sizes > 0
         self.files = [p for p, k in zip(files, keep) if k]
         if not self.files:
-            raise ValueError(f"data.source=stdlib found no {'/'.join(suffixes)} files under {root}; set data.root")
+            raise ValueError(f"data.source=stdlib found no {'/'.join(suffixes)} files under {root}; "
+                             "set data.path=<folder of .py files>")
         self.tokenizer = ByteTokenizer()
         self.vocab_size = self.tokenizer.vocab_size
         self.lengths = sizes[keep] + 1

@@ -16,3 +16,8 @@ ENGINES = {
 
 def build(name: str, model, cfg, groups):
     return load_entry(ENGINES, name, "engine.name")(model, cfg, groups)
+
+
+def needs_process_group(name: str) -> bool:
+    """Whether the engine works only inside a process group, even for one process (DeepSpeed)."""
+    return name in ENGINES and getattr(load_entry(ENGINES, name, "engine.name"), "needs_process_group", False)

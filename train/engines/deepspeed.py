@@ -19,6 +19,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..quiet import known_prints
 from .base import Engine
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -93,11 +94,13 @@ class _GroupsMPU:
 
 
 class DeepSpeedEngine(Engine):
+    needs_process_group = True  # a single process gets a 1-rank group from the loop
+
     def __init__(self, model, cfg, groups):
         validate_config(cfg)
         if groups is None or not dist.is_initialized():
-            raise ValueError("engine=deepspeed needs a process group; launch with torchrun "
-                             "(torchrun --nproc_per_node 1 ... for a single process)")
+            raise ValueError("engine=deepspeed needs a process group (train.loop.run makes a 1-rank one for "
+                             "a single process)")
         super().__init__(model, cfg, groups)
         import deepspeed
 
@@ -106,10 +109,11 @@ class DeepSpeedEngine(Engine):
         self.loss_scale = float(groups.dims.cp)
         mpu = _GroupsMPU(groups)
         self.config = deepspeed_config(cfg, mpu.get_data_parallel_world_size())
-        self.ds, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.config,
-            mpu=mpu, dist_init_required=False,
-        )
+        with known_prints():
+            self.ds, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.config,
+                mpu=mpu, dist_init_required=False,
+            )
         self.module = self.ds
 
     def backward(self, loss, last_micro: bool) -> None:

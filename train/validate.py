@@ -1,0 +1,105 @@
+"""Checks on a composed config, and what follows from it (device, mask, rank grid).
+
+`validate(cfg, world)` runs identically on every rank before any process group exists, so a
+bad setting fails everywhere with the same ValueError naming it; `scripts/make_sbatch.py`
+runs it for the job's rank count before anything is submitted.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import torch
+
+import parallel
+from kernels import MaskSpec
+from parallel.groups import ParallelDims
+
+from . import checkpoint, engines, faults
+
+# the benchmark's words: window alone has no documents; document+window is both
+MASKS = ("causal", "document", "window", "document+window")
+
+
+def resolve_device(tcfg) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None for plain float32)."""
+    if tcfg.device == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif tcfg.device in ("cpu", "cuda"):
+        name = tcfg.device
+    else:
+        raise ValueError(f"train.device={tcfg.device!r} is unknown; choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device("cpu")
+    dtypes = {"float32": None, "bfloat16": torch.bfloat16, "auto": torch.bfloat16 if name == "cuda" else None}
+    if tcfg.dtype not in dtypes:
+        raise ValueError(f"train.dtype={tcfg.dtype!r} is unknown; choose auto, float32 or bfloat16")
+    return device, dtypes[tcfg.dtype]
+
+
+def build_mask(doc_lens: list[int], tcfg) -> MaskSpec:
+    """The mask train.mask names over a packed sequence with these document lengths."""
+    window = tcfg.window if "window" in tcfg.mask else None
+    if "document" in tcfg.mask:
+        return MaskSpec.from_doc_lens(doc_lens, causal=True, window=window)
+    return MaskSpec(causal=True, window=window)
+
+
+def uses_documents(mask: str) -> bool:
+    """Whether labels stop at document ends (no predicting the next document's first token)."""
+    return "document" in mask
+
+
+def validate_optim(o) -> None:
+    checks = [
+        ("lr", o.lr, o.lr > 0, "a positive learning rate, e.g. optim.lr=3e-3"),
+        ("min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+        ("warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
+        ("weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("betas", list(o.betas), len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two numbers in [0, 1)"),
+        ("eps", o.eps, o.eps > 0, "> 0"),
+        ("grad_clip", o.grad_clip, o.grad_clip >= 0, ">= 0 (0 turns clipping off)"),
+    ]
+    for name, value, ok, want in checks:
+        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+            raise ValueError(f"optim.{name}={value} must be {want}")
+
+
+def validate(cfg, world: int) -> ParallelDims:
+    """Every setting checked here, identically on every rank, before any collective."""
+    t, p = cfg.train, cfg.parallel
+    if t.steps < 1 or t.grad_accum < 1:
+        raise ValueError(f"train.steps={t.steps} and train.grad_accum={t.grad_accum} must be >= 1")
+    if t.mask not in MASKS:
+        raise ValueError(f"train.mask={t.mask!r} is unknown; choose one of {', '.join(MASKS)}")
+    if ("window" in t.mask) != (t.window is not None):
+        raise ValueError(f"train.mask={t.mask} with train.window={t.window}: train.mask=window and "
+                         f"train.mask=document+window need train.window=<tokens>, and train.window is only for those")
+    if t.window is not None and t.window < 1:
+        raise ValueError(f"train.window={t.window} must be a positive number of tokens")
+    validate_optim(cfg.optim)
+    if p.strategy not in parallel.STRATEGIES:
+        raise ValueError(f"parallel.strategy={p.strategy!r} is unknown; "
+                         f"choose one of {', '.join(parallel.STRATEGIES)}")
+    if p.tp < 1 or p.dp < 1 or world % (p.tp * p.dp):
+        raise ValueError(f"parallel.tp={p.tp} * parallel.dp={p.dp} must divide the number of ranks ({world})")
+    if p.tp > 1 and cfg.engine.name != "megatron":
+        raise ValueError(f"parallel.tp={p.tp} needs engine=megatron (engine={cfg.engine.name} has no tensor parallelism)")
+    cp = world // (p.tp * p.dp) if p.cp is None else p.cp
+    if p.strategy == "none" and cp != 1:
+        raise ValueError(
+            f"parallel.strategy=none with cp={cp} ranks would repeat the same sequence on each; "
+            f"set parallel.dp={world // p.tp} (data parallel) or choose a CP strategy"
+        )
+    if cfg.engine.name not in engines.ENGINES:
+        raise ValueError(f"engine.name={cfg.engine.name!r} is unknown; choose one of {', '.join(engines.ENGINES)}")
+    engine_module = importlib.import_module(engines.ENGINES[cfg.engine.name].split(":")[0])
+    if hasattr(engine_module, "validate_config"):
+        engine_module.validate_config(cfg)
+    checkpoint.validate(cfg.checkpoint)
+    faults.validate(cfg.faults, cfg.checkpoint)
+    opts = p.options
+    return ParallelDims(world, tp=p.tp, cp=cp, dp=p.dp,
+                        ulysses_degree=opts.get("ulysses_degree"), ring_degree=opts.get("ring_degree"))
