@@ -91,3 +91,19 @@ def test_long_documents_are_split_and_balanced_at_scale():
 def test_bad_input_is_a_value_error(doc_lens, tpr, epsilon, match):
     with pytest.raises(ValueError, match=match):
         plan(doc_lens, tpr, MaskKind(), epsilon=epsilon)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_planning_leaves_the_garbage_collector_as_it_found_it(enabled):
+    import gc
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        plan([5, 3, 8], 8, MaskKind(causal=True), epsilon=0.05)
+        assert gc.isenabled() is enabled
+        with pytest.raises(ValueError):
+            plan([5, 3, 7], 8, MaskKind(causal=True))  # 15 tokens do not fill ranks of 8
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
