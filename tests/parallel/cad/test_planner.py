@@ -61,10 +61,26 @@ def test_every_pair_exactly_once_and_totals_conserved(batch, epsilon):
     assert again.fingerprint() == p.fingerprint() and again.bytes_in == p.bytes_in
 
 
+@st.composite
+def fine_grained_batches(draw):
+    """(doc_lens, tokens_per_rank, kind, epsilon) where every row is light next to a rank's
+    mean load (heaviest row <= epsilon * mean / 4), so a balanced plan exists: drawn that way
+    instead of filtered, since random batches rarely are."""
+    epsilon = draw(st.sampled_from([0.05, 0.1, 0.3]))
+    world = draw(st.integers(1, 6))
+    tpr = draw(st.integers(int(12 / epsilon), int(12 / epsilon) + 40))
+    pattern = draw(st.lists(st.integers(1, 12), min_size=1, max_size=8))
+    doc_lens, left = [], world * tpr
+    while left:
+        doc_lens.append(min(pattern[len(doc_lens) % len(pattern)], left))
+        left -= doc_lens[-1]
+    return doc_lens, tpr, draw(st.sampled_from(KINDS)), epsilon
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=batches(), epsilon=st.sampled_from([0.05, 0.1, 0.3]))
-def test_balanced_within_epsilon_when_rows_are_fine_grained(batch, epsilon):
-    doc_lens, tpr, kind = batch
+@given(batch=fine_grained_batches())
+def test_balanced_within_epsilon_when_rows_are_fine_grained(batch):
+    doc_lens, tpr, kind, epsilon = batch
     p = plan(doc_lens, tpr, kind, epsilon=epsilon, task_overhead_pairs=0)
     mean = sum(p.pairs_before) / p.world
     heaviest_row = max(row_pairs(n - 1, n, n, kind) if kind.causal else n for n in doc_lens)
