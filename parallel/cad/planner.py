@@ -15,8 +15,10 @@ all the keys its mask allows), so every allowed (query, key) pair is computed ex
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import intervals as iv
@@ -169,6 +171,20 @@ def foreign_rows(rows, tpr: int) -> list[int]:
     return [iv.size(r) - iv.size(iv.clip(r, s * tpr, (s + 1) * tpr)) for s, r in enumerate(rows)]
 
 
+@contextmanager
+def _no_gc():
+    """Pause the cyclic garbage collector: planning allocates tens of thousands of small
+    tuples and no reference cycles, and each collection it triggers would scan every object
+    of the process (torch's alone are millions), which tripled the first plan's time."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 def plan(doc_lens, tokens_per_rank: int, mask, *, epsilon: float = 0.1, backend: str = "default",
          task_overhead_pairs: int | None = None, q_bytes_per_token: int = 32 * 128 * 2,
          kv_bytes_per_token: int = 2 * 8 * 128 * 2, max_moves: int | None = None) -> Plan:
@@ -178,6 +194,13 @@ def plan(doc_lens, tokens_per_rank: int, mask, *, epsilon: float = 0.1, backend:
     doc_lens).  Cost of a task = its allowed pairs + task_overhead_pairs (default: the
     calibrated value for `backend`).  Byte sizes default to Hq=32, Hkv=8, D=128 in bf16.
     """
+    with _no_gc():
+        return _plan(doc_lens, tokens_per_rank, mask, epsilon, backend, task_overhead_pairs, q_bytes_per_token,
+                     kv_bytes_per_token, max_moves)
+
+
+def _plan(doc_lens, tokens_per_rank, mask, epsilon, backend, task_overhead_pairs, q_bytes_per_token,
+          kv_bytes_per_token, max_moves) -> Plan:
     t0 = time.perf_counter()
     lens = check_inputs(doc_lens, tokens_per_rank, epsilon)
     kind = mask if isinstance(mask, MaskKind) else MaskKind.of(mask)
