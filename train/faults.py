@@ -13,19 +13,31 @@ More than `faults.max_bad_steps` non-finite steps in a row stop the run under an
 Stop requests (preemption): slurm/train.sbatch traps Slurm's warning signal and creates
 the file named by $LONGCTX_STOP_FILE; the loop checks it every step (ranks agree through a
 MAX all-reduce), saves a checkpoint and returns, and the batch script requeues the job.
-Dead peers are handled elsewhere: collective timeouts (train/dist.py) and torchrun
---max-restarts with automatic resume (train/checkpoint.py).
+Dead peers are handled elsewhere: the peer watchdog (train/watchdog.py), collective
+timeouts (train/dist.py) and torchrun --max-restarts with automatic resume
+(train/checkpoint.py). `begin_step` tells them which step the trainer is at.
+
+Test-only fault injection: `faults.inject=raise@1:3` raises InjectedFault on rank 1 when
+step 3 begins, so the failure path can be tested end to end; leave it unset in real runs.
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 
 import torch
 import torch.distributed as dist
 
+from . import dist as joined_group
+
 POLICIES = ("raise", "skip", "rewind")
 STOP_FILE_ENV = "LONGCTX_STOP_FILE"
+INJECT = re.compile(r"^raise@(\d+):(\d+)$")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by faults.inject=raise@<rank>:<step> (tests only)."""
 
 
 def validate(faults_cfg, checkpoint_cfg) -> None:
@@ -37,6 +49,18 @@ def validate(faults_cfg, checkpoint_cfg) -> None:
     if faults_cfg.nan_policy == "rewind" and not checkpoint_cfg.every:
         raise ValueError("faults.nan_policy=rewind reloads the last checkpoint, so it needs checkpoint.every > 0 "
                          "(e.g. checkpoint=default)")
+    if faults_cfg.inject is not None and not INJECT.match(faults_cfg.inject):
+        raise ValueError(f"faults.inject={faults_cfg.inject!r} must look like raise@<rank>:<step> "
+                         f"(a test-only setting; leave it unset otherwise)")
+
+
+def begin_step(faults_cfg, rank: int, step: int) -> None:
+    """Called as each step begins: report the step (heartbeat, failure messages) and fire
+    the test-only fault faults.inject names for this rank and step."""
+    joined_group.beat(step)
+    found = INJECT.match(faults_cfg.inject or "")
+    if found and (int(found.group(1)), int(found.group(2))) == (rank, step):
+        raise InjectedFault(f"faults.inject={faults_cfg.inject}: rank {rank} raised at step {step}")
 
 
 class LossGuard:

@@ -193,6 +193,7 @@ def run(cfg, stop_at_step: int | None = None) -> list[dict]:
     try:
         while step < cfg.train.steps:
             step += 1
+            faults.begin_step(cfg.faults, rank, step)
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             pairs = comm = 0

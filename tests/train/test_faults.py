@@ -45,3 +45,14 @@ def test_stop_request_follows_the_stop_file(tmp_path, monkeypatch):
     assert request.requested()
     monkeypatch.delenv(faults.STOP_FILE_ENV)
     assert not faults.StopRequest().requested()
+
+
+def test_inject_is_checked_and_fires_only_on_its_rank_and_step():
+    with pytest.raises(ValueError, match=r"faults.inject='boom' must look like raise@<rank>:<step>"):
+        faults.validate(FaultsConfig(inject="boom"), CheckpointConfig())
+    cfg = FaultsConfig(inject="raise@1:3")
+    faults.validate(cfg, CheckpointConfig())
+    for rank, step in [(0, 3), (1, 2), (1, 4)]:
+        faults.begin_step(cfg, rank, step)
+    with pytest.raises(faults.InjectedFault, match="rank 1 raised at step 3"):
+        faults.begin_step(cfg, 1, 3)
