@@ -1,5 +1,6 @@
 """Non-finite loss policies and stop requests (single process; the multi-rank paths run in
 test_resume.py and test_fault_restart.py)."""
+import json
 import math
 
 import pytest
@@ -56,3 +57,17 @@ def test_inject_is_checked_and_fires_only_on_its_rank_and_step():
         faults.begin_step(cfg, rank, step)
     with pytest.raises(faults.InjectedFault, match="rank 1 raised at step 3"):
         faults.begin_step(cfg, 1, 3)
+
+
+def test_root_cause_is_the_earliest_error_record(tmp_path):
+    def record(name, timestamp, *lines):
+        callstack = "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    raise E\n" + "\n".join(lines)
+        (tmp_path / name).write_text(json.dumps({"message": {"message": lines[0], "extraInfo": {
+            "py_callstack": callstack + "\n", "timestamp": str(timestamp)}}}))
+
+    assert faults.root_cause(str(tmp_path)) is None
+    record("node1.json", 200, "SignalException: Process 7 got signal: 15")
+    record("node0.json", 100, "ValueError: bad", "[longctx] rank 1 failed at step 3")
+    (tmp_path / "broken.json").write_text("{")
+    assert faults.root_cause(str(tmp_path)) == ("root cause (torchrun's record node0.json, the earliest):\n"
+                                                "  ValueError: bad\n  [longctx] rank 1 failed at step 3")

@@ -129,3 +129,22 @@ def test_preemption_checkpoints_requeues_and_resumes_with_the_same_losses(tmp_pa
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert {**losses(first), **losses(second)} == losses(reference.stdout)
+
+
+@needs_slurm
+def test_failing_rank_ends_the_job_and_its_error_is_printed_last(tmp_path):
+    """An error on rank 1 of a 2-node job: srun ends both nodes, and launch.sh prints the
+    earliest torchrun error record (rank, step, message) after everyone else's output."""
+    start = time.time()
+    proc = subprocess.run(
+        ["sbatch", "--wait", "--nodes=2", f"--output={tmp_path}/job-%j.out", "slurm/train.sbatch", *TINY[:3],
+         "train.steps=200", *TINY[4:], "faults.inject=raise@1:3", f"hydra.run.dir={tmp_path}/hydra"],
+        cwd=ROOT, env={**env(), "RUN_DIR": str(tmp_path / "run"), "MAX_RESTARTS": "0"}, capture_output=True,
+        text=True, timeout=300)
+    elapsed = time.time() - start
+    log = open(glob.glob(str(tmp_path / "job-*.out"))[0]).read()
+    assert proc.returncode != 0 and elapsed < 120, (proc.returncode, elapsed, log[-3000:])
+    last = log.strip().splitlines()[-3:]
+    assert re.match(r"\[launch\] job \d+ failed \(rc=\d+\); root cause \(torchrun's record node\d.json", last[0]), last
+    assert last[1:] == ["  train.faults.InjectedFault: faults.inject=raise@1:3: rank 1 raised at step 3",
+                        "  [longctx] rank 1 failed at step 3; the other ranks are stopped by the launcher"], last
