@@ -105,7 +105,8 @@ class Watchdog:
                 self._publish(count)
                 if self.store.check([f"done/{self.peer}"]):
                     return
-                beat = self.store.get(f"beat/{self.peer}").decode()
+                started = self.store.check([f"beat/{self.peer}"])  # the peer may still be starting its watchdog
+                beat = self.store.get(f"beat/{self.peer}").decode() if started else "0 0"
                 store_ok_at = now
             except Exception as e:  # noqa: BLE001 - an unreachable store is a silent job too
                 if now - store_ok_at > self.timeout_s and not self._stop.is_set():
