@@ -68,16 +68,20 @@ class Watchdog:
         self._wake.set()
 
     def leave(self) -> None:
-        """Stop watching and tell the watcher this rank is gone on purpose."""
+        """Tell the watcher this rank is gone on purpose, and end the thread (joined, so that
+        its store client is not torn down under it at exit)."""
         self._stop.set()
+        self._wake.set()
         try:
             self.store.set(f"done/{self.rank}", "1")
         except Exception:  # noqa: BLE001 - leaving: the store may be gone with the job
             pass
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.timeout_s)
 
     def silent_ranks(self) -> list[int]:
-        """Ranks (all of them, one store read each) whose heartbeat is older than two
-        intervals: used on the failure path to name who stopped answering."""
+        """Ranks whose heartbeat did not move for three intervals (every rank is read, twice):
+        used on a collective's failure path to name who stopped answering."""
         time.sleep(3 * self.interval)
         first = self._read_all()
         time.sleep(3 * self.interval)
