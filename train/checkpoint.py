@@ -213,10 +213,15 @@ class Checkpointer:
     def _load(self, path: str | None, engine) -> dict | None:
         if path is None:
             return None
-        client_state = engine.load(path)
         rng_file = os.path.join(path, "rng", f"rank{self.rank}.pt")
-        if os.path.isfile(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            client_state = engine.load(path)
+            if os.path.isfile(rng_file):
+                set_rng_state(torch.load(rng_file, weights_only=False))
+        except Exception as e:
+            hint = "" if self.cfg.verify else " (checkpoint.verify=true checks every file before loading)"
+            raise RuntimeError(f"rank {self.rank} could not load checkpoint {path}: {type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}{hint}") from e
         return client_state
 
     def _choose(self, resume: str | None) -> str | None:
