@@ -3,12 +3,18 @@
 Derived per cell (DESIGN.md definitions): tokens/s = seqlen / (fwd + bwd); CP efficiency =
 t(1 rank kernel) / (P * t(P ranks)); achieved TFLOPS = attention FLOPs (4 * pairs * Hq * D
 forward, 2.5x backward) / time, summed over ranks; imbalance = pairs max / mean.  A cell
-whose check failed is shown as WRONG and gets no speed figures.
+whose check failed is shown as WRONG and gets no speed figures.  A CP efficiency above 1
+(faster than P perfect copies of the 1-rank kernel) is a measurement artifact, usually one
+noisy repeat on a shared machine: such cells are marked `!` in the table, the plots and the
+summary.  Regenerate the reports of an existing run with
+
+    python -m scripts.bench_report bench_out/results.jsonl [--out DIR]
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 from parallel.auto import parse_choice
 from parallel.perf.cost import attention_flops
@@ -46,6 +52,7 @@ def derive(records: list[dict]) -> list[dict]:
                      tflops=flops / total / 1e12)
             if _shape_key(r) in base:
                 d["efficiency"] = base[_shape_key(r)] / (r["world"] * total)
+                d["suspect"] = d["efficiency"] > 1.0
             if "bytes_formula" in r and r.get("bytes_sent"):
                 d["bytes_max"] = max(r["bytes_sent"])
                 d["bytes_formula_max"] = max(r["bytes_formula"])
@@ -75,10 +82,18 @@ def markdown(rows: list[dict]) -> str:
             f"{r['hq']}/{r['hkv']}",
             _fmt(r.get("fwd_s") * 1e3 if ok else None, ".1f"), _fmt(r.get("bwd_s") * 1e3 if ok else None, ".1f"),
             _fmt(r.get("spread_s", 0) * 1e3 if ok else None, ".1f"), _fmt(r.get("tokens_per_s") if ok else None, ",.0f"),
-            _fmt(r.get("efficiency") if ok else None, ".3f"), _fmt(r.get("tflops") if ok else None, ".4f"),
+            _fmt(r.get("efficiency") if ok else None, ".3f") + ("!" if r.get("suspect") else ""),
+            _fmt(r.get("tflops") if ok else None, ".4f"),
             _fmt(r.get("peak_mb_max") if ok else None, ".0f"), bytes_col if ok else "-",
             _fmt(r.get("pairs_imbalance"), ".3f"), _fmt(err, ".1e"), stat]) + " |")
+    if any(r.get("suspect") for r in rows):
+        lines.append(f"\n{SUSPECT_NOTE}")
     return "\n".join(lines) + "\n"
+
+
+SUSPECT_NOTE = ("CP eff marked ! is above 1, faster than P perfect copies of the 1-rank kernel: a measurement "
+                "artifact (one noisy repeat on a shared machine, or a warm cache); re-run with more repeats "
+                "(repeats=5) before reading anything into it.")
 
 
 def _chosen_cell(auto: dict, cells: list[dict]) -> dict | None:
@@ -123,50 +138,178 @@ def auto_vs_best(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
-def write_plots(rows: list[dict], out_dir: str) -> list[str]:
-    """throughput.png (tokens/s vs seqlen per strategy), imbalance.png, bytes.png."""
+def series_label(r: dict) -> str:
+    """What one bar colour stands for: the strategy, its balancer and its degrees (usp); the
+    shape hints auto gets are not part of it."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted(r.get("options", {}).items()) if k.endswith("_degree"))
+    return r["strategy"] + (f"/{r['balancer']}" if r.get("balancer") else "") + (f" ({opts})" if opts else "")
+
+
+def _group_key(r: dict) -> tuple:
+    return (r["seqlen"], r["hq"], r["hkv"], r["world"])
+
+
+def _palette(n: int):
+    """n distinct colours (tab10, tab20, then evenly spaced hues): no colour repeats."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if n <= 10:
+        return list(plt.cm.tab10(np.arange(n)))
+    if n <= 20:
+        return list(plt.cm.tab20(np.arange(n)))
+    return list(plt.cm.turbo(np.linspace(0.05, 0.95, n)))
+
+
+def speedup(r: dict, rows: list[dict]) -> tuple[float, float, float] | None:
+    """(median, slowest, fastest) speed-up of a cell over the 1-rank kernel of its shape."""
+    base = [k for k in rows if k["strategy"] == "kernel" and k["status"] == "ok" and _shape_key(k) == _shape_key(r)]
+    if not base or r["status"] != "ok":
+        return None
+    t1 = base[0]["total_s"]
+    totals = [f + b for f, b in zip(r["fwd_s_all"], r["bwd_s_all"])]
+    return t1 / r["total_s"], t1 / max(totals), t1 / min(totals)
+
+
+def _bar_figure(rows, colours, value, ylabel, title, caption, reference=None, ideal=False, marker=None):
+    """Grouped bars: one panel per mask, one group per shape (T, heads, P), one colour per
+    strategy (the same in every figure); value(r) -> (height, low, high) or None; marker(r):
+    a reference value drawn as a black tick on the bar. None when no cell has a value."""
+    import matplotlib.pyplot as plt
+
+    cells = [r for r in rows if r["status"] == "ok" and r["world"] > 1 and value(r) is not None]
+    if not cells:
+        return None
+    masks = sorted({r["mask"] for r in cells})
+    labels = sorted({series_label(r) for r in cells})
+    groups = sorted({_group_key(r) for r in cells})
+    several_p = len({g[3] for g in groups}) > 1
+    width = 0.8 / max(len(labels), 1)
+    panel_w = min(max(3.0, 0.22 * len(labels) * len(groups) + 1.5), 14.0)
+    fig, axes = plt.subplots(1, len(masks), figsize=(panel_w * len(masks), 5.6), sharey=True, squeeze=False,
+                             layout="constrained")
+    flagged = 0
+    for ax, mask in zip(axes[0], masks):
+        for gi, g in enumerate(groups):
+            for si, lab in enumerate(labels):
+                found = [r for r in cells if r["mask"] == mask and _group_key(r) == g and series_label(r) == lab]
+                if not found:
+                    continue
+                height, low, high = value(found[0])
+                x = gi - 0.4 + width * (si + 0.5)
+                ax.bar(x, height, width, color=colours[lab], label=lab,
+                       yerr=[[height - low], [high - height]] if high > low else None, capsize=2)
+                if marker is not None:
+                    ax.plot(x, marker(found[0]), "k_", markersize=120 * width, markeredgewidth=2,
+                            label="formula")
+                if ideal and height > g[3]:
+                    flagged += 1
+                    ax.annotate("!", (x, height), ha="center", va="bottom", color="red", fontweight="bold")
+            if ideal:
+                ax.hlines(g[3], gi - 0.45, gi + 0.45, colors="grey", linestyles="dashed",
+                          label="ideal: P ranks, P x" if gi == 0 else None)
+        if reference is not None:
+            ax.axhline(reference[0], color="black", linewidth=1, label=reference[1])
+        ax.set_xticks(range(len(groups)), [f"T={g[0]}\nHq/Hkv={g[1]}/{g[2]}" + (f"\nP={g[3]}" if several_p else "")
+                                           for g in groups], fontsize=9)
+        ax.set_title(f"mask: {mask}", fontsize=11)
+        ax.set_xlabel("shape (sequence length T, query/KV heads)" + (", ranks P" if several_p else ""), fontsize=10)
+        ax.tick_params(axis="y", labelsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel(ylabel, fontsize=10)
+    handles, names = {}, []
+    for ax in axes[0]:
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in handles:
+                handles[n] = h
+                names.append(n)
+    fig.legend([handles[n] for n in names], names, loc="outside upper center", ncol=min(len(names), 5), fontsize=9,
+               title=title, title_fontsize=12, frameon=False)
+    if flagged:
+        caption += (f"\n! {flagged} bar(s) above the ideal line: faster than P perfect ranks, a measurement "
+                    f"artifact (re-run with more repeats)")
+    fig.supxlabel(caption, ha="left", x=0.0, fontsize=8, family="monospace")
+    return fig
+
+
+def write_plots(rows: list[dict], out_dir: str, command: str | None = None) -> list[str]:
+    """speedup.png (vs the 1-rank kernel), bytes.png (sent per rank vs the formula),
+    imbalance.png (attention pairs max/mean); the command that made them in each caption."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok"]
-    label = lambda r: f"{r['strategy']}/{r.get('balancer') or '-'} P={r['world']} H={r['hq']}/{r['hkv']}"  # noqa: E731
+    caption = f"made by: {command or command_line()}"
+    repeats = sorted({len(r["fwd_s_all"]) for r in rows if r["status"] == "ok"})
+    labels = sorted({series_label(r) for r in rows if r["status"] == "ok" and r["world"] > 1})
+    colours = dict(zip(labels, _palette(len(labels))))
+    figures = {
+        "speedup": _bar_figure(
+            rows, colours, lambda r: speedup(r, rows), "speed-up over the 1-rank kernel (x, fwd+bwd)",
+            f"CP speed-up (bars: median of {'/'.join(map(str, repeats))} repeat(s), whiskers: slowest..fastest)",
+            caption, reference=(1.0, "1-rank kernel (1x)"), ideal=True),
+        "bytes": _bar_figure(
+            rows, colours, lambda r: (r["bytes_max"] / 2**20,) * 3 if r.get("bytes_max") is not None else None,
+            "MiB sent by the busiest rank", "Communication: MiB sent by the busiest rank per attention call",
+            caption, marker=lambda r: r["bytes_formula_max"] / 2**20),
+        "imbalance": _bar_figure(
+            rows, colours, lambda r: (r["pairs_imbalance"],) * 3 if r.get("pairs_imbalance") is not None else None,
+            "attention pairs, max / mean over ranks", "Attention work imbalance", caption,
+            reference=(1.0, "balanced (1.0)")),
+    }
     paths = []
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for mask in sorted({r["mask"] for r in ok}):
-        for lab in sorted({label(r) for r in ok if r["mask"] == mask}):
-            pts = sorted((r["seqlen"], r["tokens_per_s"]) for r in ok if r["mask"] == mask and label(r) == lab)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{mask}: {lab}")
-    ax.set(xscale="log", xlabel="sequence length (tokens)", ylabel="tokens/s (fwd+bwd)", title="CP throughput")
-    ax.legend(fontsize=6)
-    paths.append(os.path.join(out_dir, "throughput.png"))
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-    for name, key, ylab in (("imbalance", "pairs_imbalance", "pairs max/mean"),
-                            ("bytes", "bytes_max", "bytes sent per rank")):
-        sel = [r for r in ok if r.get(key) is not None]
-        fig, ax = plt.subplots(figsize=(8, 5))
-        ax.bar(range(len(sel)), [r[key] for r in sel])
-        if key == "bytes_max":
-            ax.plot(range(len(sel)), [r["bytes_formula_max"] for r in sel], "k_", markersize=20, label="formula")
-            ax.legend()
-        ax.set_xticks(range(len(sel)), [f"{label(r)} {r['mask']} T={r['seqlen']}" for r in sel], rotation=90, fontsize=6)
-        ax.set(ylabel=ylab, title=ylab)
+    for name, fig in figures.items():
+        if fig is None:  # nothing of that kind was measured
+            continue
         paths.append(os.path.join(out_dir, f"{name}.png"))
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close("all")
     return paths
 
 
-def write_reports(records: list[dict], out_dir: str, *, plots: bool = True, use_wandb: bool = False) -> list[dict]:
+def command_line() -> str:
+    """How this process was started, as a user would type it."""
+    module = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    return " ".join(["python -m", f"scripts.{module}", *sys.argv[1:]])
+
+
+def summary(rows: list[dict], out_dir: str, plots: list[str]) -> str:
+    """What a person wants at the end of a run: counts, the fastest strategy per shape, the
+    suspect cells, and where the files are."""
+    count = {k: sum(r["status"] == k for r in rows) for k in ("ok", "WRONG", "SKIPPED")}
+    lines = [f"bench: {len(rows)} cells: {count['ok']} ok, {count['WRONG']} WRONG, {count['SKIPPED']} SKIPPED"]
+    timed = [r for r in rows if r["world"] > 1 and speedup(r, rows)]
+    if timed:
+        lines.append("fastest per shape (speed-up over the 1-rank kernel, CP efficiency):")
+    for key in sorted({(r["mask"],) + _group_key(r) for r in timed}):
+        best = max((r for r in timed if (r["mask"],) + _group_key(r) == key), key=lambda r: speedup(r, rows)[0])
+        lines.append(f"  {key[0]:<9} T={key[1]:<6} Hq/Hkv={key[2]}/{key[3]} P={key[4]}: {series_label(best)} "
+                     f"{speedup(best, rows)[0]:.2f}x ({best['efficiency']:.2f}{'!' if best['suspect'] else ''})")
+    suspect = [r for r in rows if r.get("suspect")]
+    if suspect:
+        repeats = sorted({len(r["fwd_s_all"]) for r in suspect})
+        lines.append(f"{len(suspect)} cell(s) with CP efficiency above 1 (repeats={'/'.join(map(str, repeats))}): "
+                     + SUSPECT_NOTE.split(": ", 1)[1])
+    wrong = [r["id"] for r in rows if r["status"] == "WRONG"]
+    if wrong:
+        lines.append(f"WRONG (results differ from the single-process kernel): {', '.join(wrong)}")
+    lines.append(f"results: {os.path.join(out_dir, 'results.md')}")
+    if plots:
+        lines.append(f"plots: {', '.join(plots)}")
+    return "\n".join(lines)
+
+
+def write_reports(records: list[dict], out_dir: str, *, plots: bool = True, use_wandb: bool = False,
+                  command: str | None = None) -> list[dict]:
+    """results.md, the plots and (optionally) a wandb table; prints the summary."""
     rows = derive(records)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown(rows))
         auto = auto_vs_best(rows)
         if auto:
             f.write("\n" + auto)
-    if plots and rows:
-        write_plots(rows, out_dir)
+    paths = write_plots(rows, out_dir, command) if plots and rows else []
     if use_wandb:
         import wandb
 
@@ -174,5 +317,26 @@ def write_reports(records: list[dict], out_dir: str, *, plots: bool = True, use_
         run = wandb.init(project="longctx-bench", dir=out_dir, mode=os.environ.get("WANDB_MODE", "offline"))
         run.log({"bench": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
         run.finish()
+    print(summary(rows, out_dir, paths), flush=True)
     return rows
 
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Regenerate results.md, the plots and the summary from a "
+                                             "bench_cp results.jsonl.")
+    ap.add_argument("results", help="a results.jsonl written by python -m scripts.bench_cp")
+    ap.add_argument("--out", default=None, help="folder for the reports (default: the results file's folder)")
+    ap.add_argument("--no-plots", action="store_true", help="only results.md and the summary")
+    args = ap.parse_args(argv)
+    records = load_records(args.results)
+    if not records:
+        raise SystemExit(f"bench_report: {args.results} does not exist or holds no results")
+    out = args.out or os.path.dirname(os.path.abspath(args.results))
+    os.makedirs(out, exist_ok=True)
+    write_reports(records, out, plots=not args.no_plots)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,7 +36,14 @@ echo "[launch] job $JOB: $SLURM_NNODES node(s) x $NPROC rank(s), rendezvous $MAS
 
 trap 'echo "[launch] preemption signal: asking the trainer to checkpoint and stop"; touch "$LONGCTX_STOP_FILE"' USR1
 
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 "${PYTHON:-python3}" -m torch.distributed.run \
+# Each node's torchrun records its root-cause error in $ERRORS/node<N>.json; when the job
+# fails, the earliest one is printed last (after srun's and the stopped nodes' own messages).
+ERRORS=$RUN_DIR/errors
+rm -rf "$ERRORS" && mkdir -p "$ERRORS"
+
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
+  bash -c 'TORCHELASTIC_ERROR_FILE="$0/node$SLURM_NODEID.json" exec "$@"' "$ERRORS" \
+  "${PYTHON:-python3}" -m torch.distributed.run \
   --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$JOB" \
   --max_restarts="${MAX_RESTARTS:-2}" \
@@ -48,6 +55,9 @@ while true; do
   kill -0 "$PID" 2>/dev/null || break
 done
 
+if [ "$RC" -ne 0 ] && [ ! -f "$LONGCTX_STOP_FILE" ]; then
+  "${PYTHON:-python3}" -m train.faults root-cause "$ERRORS" "[launch] job $JOB failed (rc=$RC)"
+fi
 if [ -f "$LONGCTX_STOP_FILE" ]; then
   rm -f "$LONGCTX_STOP_FILE"
   echo "[launch] stopped for preemption (rc=$RC); requeueing job $SLURM_JOB_ID"

@@ -2,19 +2,28 @@
 
 Layout under `checkpoint.dir`: one folder per checkpoint, `step_00000120/`, holding what
 the engine writes (torch.distributed.checkpoint shards, or DeepSpeed's own files), every
-rank's RNG states in `rng/rank<r>.pt`, and a `COMPLETE` marker.
+rank's RNG states in `rng/rank<r>.pt`, a `MANIFEST.json` (size and sha256 of every other
+file) and a `COMPLETE` marker.
 
 Invariant: a folder named `step_<n>` with a `COMPLETE` marker is a whole checkpoint. All
 ranks write into `.step_<n>.partial/`; after every rank has written and fsynced its files,
-rank 0 writes the marker, fsyncs it and renames the folder into place (rename is atomic on
-POSIX), then fsyncs the parent. A crash at any point leaves either the previous
-checkpoints untouched plus a hidden partial folder (never resumed from, removed by the
-next save), or the new checkpoint complete. Only then are checkpoints beyond the newest
-`keep` deleted.
+the ranks hash a share of the files each, rank 0 writes the manifest and then the marker,
+fsyncs them and renames the folder into place (rename is atomic on POSIX), then fsyncs the
+parent. A crash at any point leaves either the previous checkpoints untouched plus a hidden
+partial folder (never resumed from, removed by the next save), or the new checkpoint
+complete. Only then are checkpoints beyond the newest `keep` deleted.
+
+Damage after the fact (a bad disk, a truncated copy, a file overwritten): with
+checkpoint.verify (the default), every rank checks a share of the files against the
+manifest before anything is loaded, and the ranks agree on the result (one all-gather).
+`resume=auto` then takes the newest checkpoint that passes, with a warning naming each
+damaged file it skipped; an explicitly named checkpoint that fails is an error.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -26,7 +35,9 @@ import torch
 import torch.distributed as dist
 
 MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+log = logging.getLogger(__name__)
 
 
 def validate(cfg) -> None:
@@ -106,6 +117,78 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _joined() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _from_rank0(value):
+    """Rank 0's value on every rank."""
+    box = [value]
+    if _joined():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(value) -> list:
+    """Every rank's value, in rank order, on every rank."""
+    if not _joined():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _payload_files(path: str) -> list[str]:
+    """Every file of a checkpoint folder but the manifest and the marker, relative, sorted."""
+    found = []
+    for folder, _, files in os.walk(path):
+        found += [os.path.relpath(os.path.join(folder, name), path) for name in files]
+    return sorted(name for name in found if name not in (MANIFEST, MARKER))
+
+
+def write_manifest(path: str, rank: int, world: int) -> None:
+    """Hash the folder's files (rank r takes every world-th one) and write MANIFEST.json from
+    rank 0. Collective: call on every rank once every rank's files are written."""
+    names = _from_rank0(_payload_files(path) if rank == 0 else None)
+    mine = {name: {"size": os.path.getsize(os.path.join(path, name)), "sha256": sha256(os.path.join(path, name))}
+            for name in names[rank::world]}
+    entries = {name: entry for part in _gather(mine) for name, entry in part.items()}
+    if rank == 0:
+        with open(os.path.join(path, MANIFEST), "w") as f:
+            json.dump({"files": dict(sorted(entries.items()))}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def damaged_files(path: str, rank: int, world: int) -> list[str]:
+    """What is wrong with a checkpoint folder ([] when every file matches its manifest), the
+    same list on every rank; rank r hashes every world-th file. Collective."""
+    problems = []
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problems.append(f"{os.path.join(path, MANIFEST)} is missing or unreadable ({type(e).__name__}: {e})")
+        files = {}
+    for name in sorted(files)[rank::world]:
+        full, want = os.path.join(path, name), files[name]
+        if not os.path.isfile(full):
+            problems.append(f"{full} is missing")
+        elif os.path.getsize(full) != want["size"]:
+            problems.append(f"{full} has {os.path.getsize(full)} bytes, the manifest says {want['size']}")
+        elif sha256(full) != want["sha256"]:
+            problems.append(f"{full} does not match its sha256 in the manifest (its contents changed)")
+    return sorted({p for part in _gather(problems) for p in part})
+
+
 class Checkpointer:
     """Saves every `cfg.every` steps into `cfg.dir`, keeps the newest `cfg.keep`, resumes
     from `cfg.resume` (a path, 'auto' for the newest complete one, or None)."""
@@ -130,23 +213,43 @@ class Checkpointer:
     def _load(self, path: str | None, engine) -> dict | None:
         if path is None:
             return None
-        client_state = engine.load(path)
         rng_file = os.path.join(path, "rng", f"rank{self.rank}.pt")
-        if os.path.isfile(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            client_state = engine.load(path)
+            if os.path.isfile(rng_file):
+                set_rng_state(torch.load(rng_file, weights_only=False))
+        except Exception as e:
+            hint = "" if self.cfg.verify else " (checkpoint.verify=true checks every file before loading)"
+            raise RuntimeError(f"rank {self.rank} could not load checkpoint {path}: {type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}{hint}") from e
         return client_state
 
     def _choose(self, resume: str | None) -> str | None:
-        """Rank 0 picks; everyone gets its pick, so all ranks load the same step."""
+        """The checkpoint to load, the same on every rank: rank 0 lists the candidates, every
+        rank verifies a share of each (checkpoint.verify), the newest good one wins."""
         if resume is None:
             return None
         if resume != "auto":
+            problems = self._damage(resume)
+            if problems:
+                raise ValueError(f"checkpoint.resume={resume!r} is damaged: {'; '.join(problems)}. Resume from "
+                                 f"another step_<n> folder, or checkpoint.verify=false to load it anyway")
             return resume
-        found = complete_checkpoints(self.root) if self.rank == 0 else []
-        choice = [found[-1][1] if found else None]
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast_object_list(choice, src=0)
-        return choice[0]
+        candidates = _from_rank0([path for _, path in reversed(complete_checkpoints(self.root))]
+                                 if self.rank == 0 else None)
+        for path in candidates:
+            problems = self._damage(path)
+            if not problems:
+                return path
+            if self.rank == 0:
+                log.warning("skipping damaged checkpoint %s: %s; falling back to an older one", path, "; ".join(problems))
+        if candidates:
+            raise ValueError(f"every checkpoint in {self.root} is damaged (see the warnings above); move them away "
+                             f"to start fresh, or checkpoint.verify=false to load the newest anyway")
+        return None
+
+    def _damage(self, path: str) -> list[str]:
+        return damaged_files(path, self.rank, self.world) if self.cfg.verify else []
 
     def maybe_save(self, step: int, engine, client_state_fn) -> str | None:
         if self.cfg.every and step % self.cfg.every == 0:
@@ -165,6 +268,7 @@ class Checkpointer:
         torch.save(rng_state(), os.path.join(partial, "rng", f"rank{self.rank}.pt"))
         _fsync_tree(partial)
         _barrier()
+        write_manifest(partial, self.rank, self.world)
         if self.rank == 0:
             self._commit(partial, final, step)
             self._prune()

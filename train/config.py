@@ -92,12 +92,14 @@ class CheckpointConfig:
     dir: str = "checkpoints"            # relative to the run folder unless absolute
     keep: int = 2
     resume: str | None = None           # None | auto (newest in dir) | a checkpoint path
+    verify: bool = True                 # check every file against the checkpoint's manifest before loading
 
 
 @dataclass
 class FaultsConfig:
     nan_policy: str = "raise"           # raise | skip (skip the step) | rewind (reload the last checkpoint)
     max_bad_steps: int = 3
+    inject: str | None = None           # tests only: raise@<rank>:<step> (train/faults.py)
 
 
 @dataclass

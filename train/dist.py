@@ -1,11 +1,15 @@
-"""Joining and leaving the torchrun process group.
+"""Joining and leaving the torchrun process group, and how a failed job ends.
 
-`init` picks the backend (nccl on CUDA, gloo on CPU) and sets the collective timeout, so a
-peer that died or hangs ends the job with a clear error after train.dist_timeout_s instead
-of blocking forever; `shutdown` leaves cleanly. `describe_timeout` turns a backend's
-timeout or lost-peer error into a message that says what happened and which setting to
-change. Under torchrun, a rank that dies makes the agent restart the whole group
-(--max-restarts), and the restarted ranks resume from the newest checkpoint.
+`run_joined` is what `python -m train` runs: join, train, leave. `init` picks the backend
+(nccl on CUDA, gloo on CPU), sets the collective timeout and starts the peer watchdog
+(train/watchdog.py), so a peer that stopped answering ends the job after
+train.dist_timeout_s with a message naming it. A rank that fails does not wait for its
+peers: it skips the leaving barrier, its error gets a note naming the rank and step, and
+main.py's torchrun error record (`record`) makes it the root cause torchrun prints last,
+while the agent stops the other ranks at once. `describe_timeout` turns a backend's timeout
+or lost-peer error into a message that says which setting to change. Under torchrun, a rank
+that dies makes the agent restart the whole group (--max-restarts), and the restarted ranks
+resume from the newest checkpoint.
 """
 from __future__ import annotations
 
@@ -16,7 +20,10 @@ import os
 import torch
 import torch.distributed as dist
 
+from .watchdog import COLLECTIVE_GRACE_S, Watchdog, step_text
+
 DEFAULT_TIMEOUT_S = 600.0
+_progress = {"step": 0, "watchdog": None}
 
 
 def launched_by_torchrun() -> bool:
@@ -64,14 +71,55 @@ def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     backend = backend_for(device)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(seconds=timeout_s + COLLECTIVE_GRACE_S)
     store = _restart_scoped_store(timeout)
     if store is None:
         dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
                                 world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    _progress["step"] = 0
+    _progress["watchdog"] = Watchdog.connect(dist.get_rank(), dist.get_world_size(), timeout_s).start()
     return True
+
+
+def beat(step: int) -> None:
+    """The trainer is at `step` (called once per step): named in failure messages and heartbeats."""
+    _progress["step"] = step
+    if _progress["watchdog"] is not None:
+        _progress["watchdog"].beat(step)
+
+
+def run_joined(train, cfg) -> None:
+    """Join the process group when torchrun launched us, run train(cfg), leave. On an error
+    this rank leaves at once (no barrier: the peers may be blocked in a collective), and the
+    error gets a note naming the rank, the step and, for a lost peer, who stopped answering."""
+    joined = init_from_config(cfg)
+    try:
+        train(cfg)
+    except BaseException as e:
+        if joined:
+            e.add_note(failure_note(e))
+            _leave_watchdog()
+        raise
+    if joined:
+        shutdown()
+
+
+def failure_note(error: BaseException) -> str:
+    note = f"[longctx] rank {dist.get_rank()} failed at {step_text(_progress['step'])}"
+    watchdog = _progress["watchdog"]
+    if watchdog is not None and is_timeout(error):
+        silent = watchdog.silent_ranks()
+        if silent:
+            note += f"; rank(s) {', '.join(map(str, silent))} stopped answering"
+    return note + "; the other ranks are stopped by the launcher"
+
+
+def _leave_watchdog() -> None:
+    if _progress["watchdog"] is not None:
+        _progress["watchdog"].leave()
+        _progress["watchdog"] = None
 
 
 def _restart_scoped_store(timeout: datetime.timedelta):
@@ -94,6 +142,7 @@ def shutdown() -> None:
     process at exit ("terminate called without an active exception"); the collected
     garbage and a barrier first make every rank leave together."""
     gc.collect()
+    _leave_watchdog()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

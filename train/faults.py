@@ -13,19 +13,38 @@ More than `faults.max_bad_steps` non-finite steps in a row stop the run under an
 Stop requests (preemption): slurm/train.sbatch traps Slurm's warning signal and creates
 the file named by $LONGCTX_STOP_FILE; the loop checks it every step (ranks agree through a
 MAX all-reduce), saves a checkpoint and returns, and the batch script requeues the job.
-Dead peers are handled elsewhere: collective timeouts (train/dist.py) and torchrun
---max-restarts with automatic resume (train/checkpoint.py).
+Dead peers are handled elsewhere: the peer watchdog (train/watchdog.py), collective
+timeouts (train/dist.py) and torchrun --max-restarts with automatic resume
+(train/checkpoint.py). `begin_step` tells them which step the trainer is at.
+
+`python -m train.faults root-cause FOLDER` prints the earliest error among the torchrun
+error records in FOLDER (slurm/launch.sh: one per node), so a multi-node job's root cause is
+the last thing in its log.
+
+Test-only fault injection: `faults.inject=raise@1:3` raises InjectedFault on rank 1 when
+step 3 begins, so the failure path can be tested end to end; leave it unset in real runs.
 """
 from __future__ import annotations
 
+import glob
+import json
 import math
 import os
+import re
+import sys
 
 import torch
 import torch.distributed as dist
 
+from . import dist as joined_group
+
 POLICIES = ("raise", "skip", "rewind")
 STOP_FILE_ENV = "LONGCTX_STOP_FILE"
+INJECT = re.compile(r"^raise@(\d+):(\d+)$")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by faults.inject=raise@<rank>:<step> (tests only)."""
 
 
 def validate(faults_cfg, checkpoint_cfg) -> None:
@@ -37,6 +56,18 @@ def validate(faults_cfg, checkpoint_cfg) -> None:
     if faults_cfg.nan_policy == "rewind" and not checkpoint_cfg.every:
         raise ValueError("faults.nan_policy=rewind reloads the last checkpoint, so it needs checkpoint.every > 0 "
                          "(e.g. checkpoint=default)")
+    if faults_cfg.inject is not None and not INJECT.match(faults_cfg.inject):
+        raise ValueError(f"faults.inject={faults_cfg.inject!r} must look like raise@<rank>:<step> "
+                         f"(a test-only setting; leave it unset otherwise)")
+
+
+def begin_step(faults_cfg, rank: int, step: int) -> None:
+    """Called as each step begins: report the step (heartbeat, failure messages) and fire
+    the test-only fault faults.inject names for this rank and step."""
+    joined_group.beat(step)
+    found = INJECT.match(faults_cfg.inject or "")
+    if found and (int(found.group(1)), int(found.group(2))) == (rank, step):
+        raise InjectedFault(f"faults.inject={faults_cfg.inject}: rank {rank} raised at step {step}")
 
 
 class LossGuard:
@@ -83,3 +114,28 @@ class StopRequest:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def root_cause(folder: str) -> str | None:
+    """The last lines (exception and notes) of the earliest torchrun error record in folder."""
+    records = []
+    for path in glob.glob(os.path.join(folder, "*.json")):
+        try:
+            with open(path) as f:
+                message = json.load(f)["message"]
+            records.append((int(message["extraInfo"]["timestamp"]), path, message["extraInfo"]["py_callstack"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not records:
+        return None
+    _, path, callstack = min(records)
+    lines = [line.strip() for line in callstack.splitlines() if line.strip()]
+    tail = [line for line in lines[-4:] if not line.startswith(("File ", "^", "raise "))]
+    return f"root cause (torchrun's record {os.path.basename(path)}, the earliest):\n  " + "\n  ".join(tail)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["root-cause"] or len(sys.argv) < 3:
+        raise SystemExit("usage: python -m train.faults root-cause FOLDER [HEADLINE]")
+    cause = root_cause(sys.argv[2])
+    print(" ".join(sys.argv[3:]) + ("; " + cause if cause else "; no torchrun error record was written"), flush=True)

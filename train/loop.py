@@ -174,6 +174,7 @@ class Trainer:
         """One optimizer step over train.grad_accum micro-batches; its metrics, or None when a
         non-finite loss rewound the run to the last checkpoint."""
         self.step += 1
+        faults.begin_step(self.cfg.faults, self.rank, self.step)
         accum, seqlen = self.cfg.train.grad_accum, self.cfg.data.seqlen
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)

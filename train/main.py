@@ -2,7 +2,8 @@
 
 Composes conf/ over the schema in train/config.py, validates it, joins the process group
 when launched by torchrun (train/dist.py: gloo on CPU, nccl on GPU; a single process
-otherwise) and runs the loop.
+otherwise) and runs the loop. Errors are recorded for torchrun (`record`), so the failing
+rank's error, with its rank and step, is the root cause the launcher prints last.
 
 One torchrun job is one run folder: before Hydra composes, the ranks agree on the folder
 through the torchrun agent's key-value store (the first to ask sets it, a restarted attempt
@@ -26,15 +27,12 @@ RUN_DIR_KEY = "longctx/run_dir"
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def app(cfg) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     from . import dist
     from .loop import run
 
-    joined = dist.init_from_config(cfg)
-    try:
-        run(cfg)
-    finally:
-        if joined:
-            dist.shutdown()
+    record(dist.run_joined)(run, cfg)
 
 
 def agree_on_run_dir() -> None:

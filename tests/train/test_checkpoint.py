@@ -99,3 +99,14 @@ def test_bad_settings_are_named(tmp_path):
         checkpoint.validate(CheckpointConfig(keep=0))
     with pytest.raises(ValueError, match="checkpoint.every=-1"):
         checkpoint.validate(CheckpointConfig(every=-1))
+
+
+def test_load_failure_names_the_checkpoint_when_verification_is_off(tmp_path):
+    engine = toy_engine()
+    path = Checkpointer(CheckpointConfig(every=1, dir=str(tmp_path)), 0, 1).save(1, engine, {"step": 1})
+    with open(os.path.join(path, "client_state.pt"), "r+b") as f:
+        f.truncate(100)
+    unchecked = Checkpointer(CheckpointConfig(dir=str(tmp_path), resume="auto", verify=False), 0, 1)
+    with pytest.raises(RuntimeError, match=rf"rank 0 could not load checkpoint {path}: RuntimeError: .*"
+                                           r"\(checkpoint.verify=true checks every file before loading\)"):
+        unchecked.resume(toy_engine())

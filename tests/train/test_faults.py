@@ -1,5 +1,6 @@
 """Non-finite loss policies and stop requests (single process; the multi-rank paths run in
 test_resume.py and test_fault_restart.py)."""
+import json
 import math
 
 import pytest
@@ -45,3 +46,28 @@ def test_stop_request_follows_the_stop_file(tmp_path, monkeypatch):
     assert request.requested()
     monkeypatch.delenv(faults.STOP_FILE_ENV)
     assert not faults.StopRequest().requested()
+
+
+def test_inject_is_checked_and_fires_only_on_its_rank_and_step():
+    with pytest.raises(ValueError, match=r"faults.inject='boom' must look like raise@<rank>:<step>"):
+        faults.validate(FaultsConfig(inject="boom"), CheckpointConfig())
+    cfg = FaultsConfig(inject="raise@1:3")
+    faults.validate(cfg, CheckpointConfig())
+    for rank, step in [(0, 3), (1, 2), (1, 4)]:
+        faults.begin_step(cfg, rank, step)
+    with pytest.raises(faults.InjectedFault, match="rank 1 raised at step 3"):
+        faults.begin_step(cfg, 1, 3)
+
+
+def test_root_cause_is_the_earliest_error_record(tmp_path):
+    def record(name, timestamp, *lines):
+        callstack = "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    raise E\n" + "\n".join(lines)
+        (tmp_path / name).write_text(json.dumps({"message": {"message": lines[0], "extraInfo": {
+            "py_callstack": callstack + "\n", "timestamp": str(timestamp)}}}))
+
+    assert faults.root_cause(str(tmp_path)) is None
+    record("node1.json", 200, "SignalException: Process 7 got signal: 15")
+    record("node0.json", 100, "ValueError: bad", "[longctx] rank 1 failed at step 3")
+    (tmp_path / "broken.json").write_text("{")
+    assert faults.root_cause(str(tmp_path)) == ("root cause (torchrun's record node0.json, the earliest):\n"
+                                                "  ValueError: bad\n  [longctx] rank 1 failed at step 3")

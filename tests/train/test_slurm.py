@@ -1,6 +1,7 @@
 """Launch on a real Slurm cluster: slurm/train.sbatch as a 2-node job (one torchrun per
-node, c10d rendezvous, gloo) and the Hydra submitit launcher (hydra/launcher=slurm, which
-is submitit_slurm with our settings) on the same cluster; plus make_sbatch's rendering.
+node, c10d rendezvous, gloo), preemption (SIGUSR1 -> checkpoint -> requeue -> resume with
+the same losses) and the Hydra submitit launcher (hydra/launcher=slurm, which is
+submitit_slurm with our settings) on the same cluster; plus make_sbatch's rendering.
 
 The cluster tests skip only where `sbatch` is absent; CI starts a cluster with .ci/slurm.sh.
 """
@@ -10,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,3 +78,73 @@ def test_make_sbatch_fills_the_template_and_refuses_zero_nodes(tmp_path):
         render(["hydra.launcher.nodes=0"])
     with pytest.raises(ValueError, match=r"parallel.tp=3 \* parallel.dp=1 must divide the number of ranks \(8\)"):
         render(["hydra.launcher.nodes=1", "hydra.launcher.gpus_per_node=8", "parallel.tp=3"])
+
+
+def wait_until(predicate, what: str, timeout: float, log_path=None):
+    deadline = time.time() + timeout
+    while not predicate():
+        tail = open(log_path).read()[-3000:] if log_path and os.path.exists(log_path) else ""
+        assert time.time() < deadline, f"timed out waiting for {what}\n{tail}"
+        time.sleep(0.2)
+
+
+def losses(log: str) -> dict[int, str]:
+    return {int(s): v for s, v in LOSS_LINE.findall(log)}
+
+
+@needs_slurm
+def test_preemption_checkpoints_requeues_and_resumes_with_the_same_losses(tmp_path):
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@120 sends): the trainer checkpoints
+    and stops, the job requeues itself, resumes from that checkpoint and finishes; every
+    step's loss equals an uninterrupted torchrun run's."""
+    steps = 300
+    args = [*TINY[:3], f"train.steps={steps}", *TINY[4:], f"hydra.run.dir={tmp_path}/hydra"]
+    log_path = tmp_path / "job.out"
+    submit = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--output={log_path}", "slurm/train.sbatch", *args],
+                            cwd=ROOT, env={**env(), "RUN_DIR": str(tmp_path / "run"), "NPROC_PER_NODE": "2"},
+                            capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    try:
+        wait_until(lambda: log_path.exists() and "step 3 loss" in log_path.read_text(), "step 3", 300, log_path)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+        # Slurm holds a requeued batch job for about two minutes; a test need not wait for that
+        wait_until(lambda: "requeueing job" in log_path.read_text(), "the requeue", 300, log_path)
+        wait_until(lambda: subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
+                                          capture_output=True).returncode == 0 or "resumed from" in log_path.read_text(),
+                   "the requeued job", 60, log_path)
+        wait_until(lambda: log_path.read_text().count("trained ") == 2, "the resumed job to finish", 300, log_path)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    log = log_path.read_text()
+    first, _, second = log.partition("resumed from step ")
+    stopped = int(re.search(r"^stopped after step (\d+) \(checkpointed\)", first, re.M).group(1))
+    assert int(second.split()[0]) == stopped and stopped < steps, log[-3000:]
+    assert sorted(losses(first)) == list(range(1, stopped + 1))
+    assert sorted(losses(second)) == list(range(stopped + 1, steps + 1))
+
+    reference = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", *args,
+         f"train.out_dir={tmp_path}/ref"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert {**losses(first), **losses(second)} == losses(reference.stdout)
+
+
+@needs_slurm
+def test_failing_rank_ends_the_job_and_its_error_is_printed_last(tmp_path):
+    """An error on rank 1 of a 2-node job: srun ends both nodes, and launch.sh prints the
+    earliest torchrun error record (rank, step, message) after everyone else's output."""
+    start = time.time()
+    proc = subprocess.run(
+        ["sbatch", "--wait", "--nodes=2", f"--output={tmp_path}/job-%j.out", "slurm/train.sbatch", *TINY[:3],
+         "train.steps=200", *TINY[4:], "faults.inject=raise@1:3", f"hydra.run.dir={tmp_path}/hydra"],
+        cwd=ROOT, env={**env(), "RUN_DIR": str(tmp_path / "run"), "MAX_RESTARTS": "0"}, capture_output=True,
+        text=True, timeout=300)
+    elapsed = time.time() - start
+    log = open(glob.glob(str(tmp_path / "job-*.out"))[0]).read()
+    assert proc.returncode != 0 and elapsed < 120, (proc.returncode, elapsed, log[-3000:])
+    last = log.strip().splitlines()[-3:]
+    assert re.match(r"\[launch\] job \d+ failed \(rc=\d+\); root cause \(torchrun's record node\d.json", last[0]), last
+    assert last[1:] == ["  train.faults.InjectedFault: faults.inject=raise@1:3: rank 1 raised at step 3",
+                        "  [longctx] rank 1 failed at step 3; the other ranks are stopped by the launcher"], last
