@@ -23,13 +23,13 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import parallel
 from kernels import MaskSpec
 from models.llama import Llama
+from models.memory import MemoryOptions
 from parallel.groups import ParallelDims
 
 from . import checkpoint, engines, faults
@@ -94,6 +94,7 @@ def validate(cfg, world: int) -> ParallelDims:
     engine_module = importlib.import_module(engines.ENGINES[cfg.engine.name].split(":")[0])
     if hasattr(engine_module, "validate_config"):
         engine_module.validate_config(cfg)
+    MemoryOptions.from_train(t)
     checkpoint.validate(cfg.checkpoint)
     faults.validate(cfg.faults, cfg.checkpoint)
     opts = p.options
@@ -130,8 +131,8 @@ def micro_step(seq, cfg, engine, cp_group, device, amp_dtype, last: bool) -> tup
     labels = next_token_labels(seq.tokens, None if cfg.train.mask == "causal" else seq.doc_lens)
     n_predicted = max(int((labels != -100).sum()), 1)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = engine.module(cp.shard(seq.tokens.to(device)), cp.positions.to(device), cp.attention)
-    local = F.cross_entropy(logits.float(), cp.shard(labels.to(device)), ignore_index=-100, reduction="sum")
+        local = engine.module(cp.shard(seq.tokens.to(device)), cp.positions.to(device), cp.attention,
+                              labels=cp.shard(labels.to(device)))
     loss = local / n_predicted
     engine.backward(loss, last_micro=last)
     stats = cp.stats
@@ -153,6 +154,8 @@ def run(cfg, stop_at_step: int | None = None) -> list[dict]:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     dims = validate(cfg, world)
     device, amp_dtype = resolve_device(cfg.train)
+    memory = MemoryOptions.from_train(cfg.train)
+    memory.check_device(device)
     loader = build_loader(cfg.data, cfg.train.seed, dims.coordinates(rank)[0], dims.dp)
     vocab = cfg.model.vocab_size or loader.corpus.vocab_size
     if vocab < loader.corpus.vocab_size:
@@ -165,6 +168,7 @@ def run(cfg, stop_at_step: int | None = None) -> list[dict]:
               f"parallel={cfg.parallel.strategy}", flush=True)
     torch.manual_seed(cfg.train.seed)
     model = Llama(model_cfg).to(device)
+    model.memory = memory
     # FLOPs per token are linear in attention pairs; taken from the whole model before an
     # engine shards it (TP) or partitions it (ZeRO-3)
     dense_flops = model.flops_per_token(0.0)
