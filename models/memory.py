@@ -125,22 +125,30 @@ def _keep(t):
     return t
 
 
+def block_saved_values(cfg, tokens: int, mlp_rows: int | None = None) -> int:
+    """Values one plain block keeps for its backward pass on `tokens` rows (what autograd
+    saves, counted by storage): per token the block input, each RMSNorm's normalised input,
+    its weighted output and rsqrt (2 x (2 x dim + 1)), the post-attention residual, the
+    rotated q and core attention's output (2 x dim), the rotated k and v (2 x kv_dim), lse
+    (n_heads) and RoPE's cos/sin for q and k (2 x head_dim); per MLP row (mlp_rows, all
+    rows unless tiled) w1 x, silu(w1 x), w3 x and their product (4 x ffn)."""
+    d, kv = cfg.dim, cfg.n_kv_heads * cfg.head_dim
+    mlp_rows = tokens if mlp_rows is None else mlp_rows
+    return (8 * d + 2 + 2 * kv + cfg.n_heads + 2 * cfg.head_dim) * tokens + 4 * cfg.hidden_dim * mlp_rows
+
+
 def predict_peak_bytes(cfg, tokens: int, options: MemoryOptions = MemoryOptions(), value_bytes: int = 4) -> int:
     """Peak bytes of one training step of `cfg` (a LlamaConfig) on `tokens` rows in one process:
-    parameters, gradients and Adam state (float32) plus the activations alive at the worst
-    moment of the backward pass, counted tensor by tensor from what autograd keeps.
+    float32 parameters and gradients plus the activations alive at the worst moment of the
+    backward pass (or parameters, gradients and Adam's two moments after it, if larger).
 
-    Per token and block, the plain path keeps: the block input, both norm outputs, the
-    post-attention residual, core attention's output and the rotated q (6 x dim), the rotated
-    k and v (2 x kv_dim), RoPE's cos/sin (2 x head_dim), lse (n_heads) and the MLP's
-    w1 x, silu(w1 x), w3 x and their product (4 x ffn).  The loss keeps the final hidden
-    state and its norm (2 x dim) and, unchunked, three [T, vocab] float32 tensors at its
-    backward (log-softmax output, its gradient, the logits' gradient).  With
-    `mlp_chunk`/`loss_chunk` those [T, ffn]/[T, vocab] terms shrink to one chunk; with
-    checkpointing only block inputs are kept (full), or inputs and attention's tensors
-    (selective), and one block's worth is alive while it is recomputed.  Besides the
-    saved tensors, a block's backward holds a few gradients at once: 3 x dim + 3 x ffn
-    (MLP backward) per token, one tile of those when the MLP is chunked.
+    Activations: each block keeps `block_saved_values` (none), its input plus core
+    attention's q_rot, k_rot, v, out and lse (selective) or its input only (full); a
+    checkpointed block being recomputed holds the rest again.  A block's backward also holds
+    about 3 x dim + 3 x ffn gradient values per token (per MLP tile row when tiled).  The
+    loss keeps the final hidden state and its norm (2 x dim) and, at its backward, three
+    [rows, vocab] float32 tensors unchunked (log-softmax output, its gradient, the logits'
+    gradient), four per chunk when chunked (the chunk's logits are recomputed).
     The process's own baseline (Python, libraries) is not included.
     """
     d, f, v, layers = cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.n_layers
@@ -148,15 +156,12 @@ def predict_peak_bytes(cfg, tokens: int, options: MemoryOptions = MemoryOptions(
     t = tokens
     mlp_rows = min(options.mlp_chunk or t, t)
     loss_rows = min(options.loss_chunk or t, t)
-    attention_kept = 2 * d + 2 * kv + cfg.n_heads          # q_rot, out, k_rot, v, lse
-    block = (attention_kept + 4 * d + 2 * cfg.head_dim) * t  # + input, norm outputs, residual, cos/sin
-    block += 4 * f * mlp_rows
+    block = block_saved_values(cfg, t, mlp_rows)
+    kept = {"none": block, "selective": (3 * d + 2 * kv + cfg.n_heads) * t, "full": d * t}[options.activation_checkpoint]
+    recomputed = block - kept
     backward_transient = 3 * d * t + 3 * f * mlp_rows
-    kept_per_layer = {"none": block, "selective": (d + attention_kept) * t, "full": d * t}[options.activation_checkpoint]
-    recomputed = 0 if options.activation_checkpoint == "none" else block - kept_per_layer
     loss = 2 * d * t + (4 if options.loss_chunk else 3) * v * loss_rows
-    activations = layers * kept_per_layer + max(loss, 2 * d * t + recomputed + backward_transient)
+    activations = layers * kept + max(loss, 2 * d * t + recomputed + backward_transient)
     params = v * d * (1 if cfg.tie_embeddings else 2) + d + layers * (
         d * (d + 2 * kv) + d * d + 3 * d * f + 2 * d)
-    static_during_backward = 2 * params * 4                 # weights and gradients
-    return max(static_during_backward + activations * value_bytes, 4 * params * 4)
+    return max(2 * params * 4 + activations * value_bytes, 4 * params * 4)

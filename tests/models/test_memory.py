@@ -207,3 +207,26 @@ def test_two_ranks_selective_moves_the_same_bytes_full_repeats_the_forward():
                 assert got_loss == pytest.approx(loss, rel=1e-6)
                 assert_grads_close(map(torch.from_numpy, got_grads), map(torch.from_numpy, grads))
                 assert got_moved == moved + (forward if mode == "full" else 0), f"{strategy} {mode}"
+
+
+def test_block_saved_values_count_what_autograd_keeps():
+    """The formula's per-block count equals the bytes of the storages a plain block saves
+    (the cpu kernel, the default on CPU; parameters excluded)."""
+    from models.memory import block_saved_values
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, dim=64, n_layers=1, n_heads=4, n_kv_heads=2)
+    model, t = Llama(cfg), 128
+    pos, mask = torch.arange(t), MaskSpec.from_doc_lens([60, 68])
+    x = model.embed(torch.randint(0, 50, (t,))).detach().requires_grad_()
+    params = {p.data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(saved):
+        if saved.data_ptr() not in params and saved.is_floating_point():
+            storages[saved.untyped_storage().data_ptr()] = saved.untyped_storage().nbytes()
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+        model.layers[0](x, pos, lambda q, k, v: kernels.attention(q, k, v, mask, q_pos=pos, k_pos=pos, backend="cpu")[0])
+    assert sum(storages.values()) == 4 * block_saved_values(cfg, t)
