@@ -16,6 +16,7 @@ Results: <out>/results.jsonl (appended), results.md, memory_vs_seqlen.png.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -122,14 +123,31 @@ def fit(points: list[dict]) -> tuple[float, float]:
     return slope, a["peak_mb"] - slope * a["seqlen"]
 
 
-def predicted_mb(rec: dict) -> float:
+@functools.cache
+def measured_model():
+    """The LlamaConfig the measurements train (SETUP's model and vocabulary)."""
     import dataclasses
 
+    cfg = compose(1024, {}, "cpu", "/tmp")
+    return dataclasses.replace(cfg.model, vocab_size=cfg.data.vocab_size)
+
+
+def predicted_mb(rec: dict, seqlen: int | None = None) -> float:
+    """The formula's peak for a measured record (at `seqlen` instead of its own when given)."""
     from models.memory import MemoryOptions, predict_peak_bytes
 
-    model = dataclasses.replace(compose(rec["seqlen"], {}, "cpu", "/tmp").model, vocab_size=32000)
+    model = measured_model()
     options = MemoryOptions(rec["activation_checkpoint"], rec["loss_chunk"], rec["mlp_chunk"])
-    return rec["runtime_mb"] + predict_peak_bytes(model, rec["seqlen"], options) / 2**20
+    return rec["runtime_mb"] + predict_peak_bytes(model, seqlen or rec["seqlen"], options) / 2**20
+
+
+def longest_predicted(rec: dict, budget_mb: float) -> int:
+    """The longest context whose predicted peak fits the budget (bisection on tokens)."""
+    lo, hi = 0, 1 << 26
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if predicted_mb(rec, mid) <= budget_mb else (lo, mid)
+    return lo
 
 
 def report(records: list[dict], budget_gb: float, out: str) -> str:
@@ -137,20 +155,21 @@ def report(records: list[dict], budget_gb: float, out: str) -> str:
     by_setting: dict[str, list[dict]] = {}
     for r in ok:
         by_setting.setdefault(r["setting"], []).append(r)
-    lines = [f"| setting | seqlen | peak MB | predicted MB | error | step s | MB/token | longest T in {budget_gb:g} GB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| setting | seqlen | peak MB | predicted MB | error | step s (wall) | MB/token | longest T in "
+             f"{budget_gb:g} GB (line) | (formula) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, points in by_setting.items():
         seqlens = {p["seqlen"] for p in points}
         slope, icpt = fit(points) if len(seqlens) >= 2 else (None, None)
+        longest = f"{longest_predicted(points[0], budget_gb * 1024):,}"
         for p in sorted(points, key=lambda p: p["seqlen"]):
             pred = predicted_mb(p)
             per_token = f"{slope:.4f}" if slope else ""
-            longest = f"{int((budget_gb * 1024 - icpt) / slope):,}" if slope else ""
+            line = f"{int((budget_gb * 1024 - icpt) / slope):,}" if slope else ""
             lines.append(f"| {name} | {p['seqlen']:,} | {p['peak_mb']:.0f} | {pred:.0f} | "
-                         f"{(pred - p['peak_mb']) / p['peak_mb']:+.1%} | {p['step_s']:.1f} | {per_token} | {longest} |")
+                         f"{(pred - p['peak_mb']) / p['peak_mb']:+.1%} | {p['step_s']:.1f} | {per_token} | {line} | {longest} |")
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['setting']} | {r['seqlen']:,} | failed: {' '.join(r['error'])} | | | | | |")
+            lines.append(f"| {r['setting']} | {r['seqlen']:,} | failed: {' '.join(r['error'])} | | | | | | |")
     for r in records:
         if "ratio_to_none" in r:
             lines.append("")
@@ -213,10 +232,12 @@ def main(argv=None) -> None:
             for rec in pool.map(lambda c: measure(c[0], c[1], settings[c[0]], args.device, args.out), cells):
                 print(json.dumps(rec), flush=True)
                 f.write(json.dumps(rec) + "\n")
+                f.flush()
             if args.time_seqlen:
                 rec = time_interleaved(args.time_seqlen, args.rounds, args.device)
                 print(json.dumps(rec), flush=True)
                 f.write(json.dumps(rec) + "\n")
+                f.flush()
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     print(report(records, args.budget_gb, args.out))
