@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .memory import MemoryOptions
+
 
 @dataclass
 class LlamaConfig:
@@ -120,9 +122,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, attn):
+    def forward(self, x, positions, attn, memory: MemoryOptions = MemoryOptions()):
         x = x + self.attn(self.attn_norm(x), positions, attn)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + memory.mlp(self.mlp, self.mlp_norm(x))
 
 
 class Llama(nn.Module):
@@ -135,6 +137,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.memory = MemoryOptions()  # train.activation_checkpoint / mlp_chunk / loss_chunk / offload
         self.apply(self._init)
         if cfg.tie_embeddings:
             self.output.weight = self.embed.weight
@@ -143,12 +146,22 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.cfg.init_std)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
-        """tokens [T] long, positions [T] long (global), attn(q, k, v) -> out; logits [T, V]."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attn, labels=None) -> torch.Tensor:
+        """tokens [T] long, positions [T] long (global), attn(q, k, v) -> out; logits [T, V].
+        With labels [T] (-100: no target): the summed float32 cross-entropy of those logits
+        instead, `self.memory.loss_chunk` tokens at a time when set."""
+        with self.memory.saving():
+            hidden = self.hidden(tokens, positions, attn)
+            if labels is None:
+                return self.output(hidden)
+            return self.memory.cross_entropy(self.output, hidden, labels)
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
+        """The final-normed hidden states [T, dim] that `output` turns into logits."""
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, positions, attn)
-        return self.output(self.norm(x))
+            x = self.memory.block(layer, x, positions, attn)
+        return self.norm(x)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameter count (tied weights counted once)."""

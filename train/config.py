@@ -76,6 +76,10 @@ class TrainConfig:
     progress: bool = True
     out_dir: str | None = None          # None: Hydra's run folder
     dist_timeout_s: float = 600.0       # how long a collective waits for a peer before the run fails
+    activation_checkpoint: str = "none"  # none | selective (all but core attention) | full (whole blocks)
+    loss_chunk: int = 0                 # tokens per output-projection + cross-entropy chunk; 0 = off
+    mlp_chunk: int = 0                  # tokens per MLP tile; 0 = off
+    activation_offload: bool = False    # CUDA: kept activations to pinned host memory
 
 
 @dataclass

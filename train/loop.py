@@ -25,13 +25,13 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import parallel
 from models.llama import Llama
+from models.memory import MemoryOptions
 
 from . import checkpoint, config, engines, faults
 from .data import build_loader, next_token_labels
@@ -76,6 +76,8 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
         self.dims = validate(cfg, self.world)
         self.device, self.amp_dtype = resolve_device(cfg.train)
+        memory = MemoryOptions.from_train(cfg.train)
+        memory.check_device(self.device)
         self.loader = build_loader(cfg.data, cfg.train.seed, self.dims.coordinates(self.rank)[0], self.dims.dp)
         vocab = cfg.model.vocab_size or self.loader.corpus.vocab_size
         if vocab < self.loader.corpus.vocab_size:
@@ -88,6 +90,7 @@ class Trainer:
                   f"engine={cfg.engine.name}, parallel={cfg.parallel.strategy}")
         torch.manual_seed(cfg.train.seed)
         model = Llama(dataclasses.replace(cfg.model, vocab_size=vocab)).to(self.device)
+        model.memory = memory
         # FLOPs per token are linear in attention pairs; taken from the whole model before an
         # engine shards it (TP) or partitions it (ZeRO-3)
         self.dense_flops = model.flops_per_token(0.0)
@@ -154,8 +157,8 @@ class Trainer:
         n_predicted = max(int((labels != -100).sum()), 1)
         amp = self.amp_dtype
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = self.engine.module(cp.shard(seq.tokens.to(device)), cp.positions.to(device), cp.attention)
-        local = F.cross_entropy(logits.float(), cp.shard(labels.to(device)), ignore_index=-100, reduction="sum")
+            local = self.engine.module(cp.shard(seq.tokens.to(device)), cp.positions.to(device), cp.attention,
+                                       labels=cp.shard(labels.to(device)))
         loss = local / n_predicted
         self.engine.backward(loss, last_micro=last)
         stats = cp.stats

@@ -14,6 +14,7 @@ import torch
 
 import parallel
 from kernels import MaskSpec
+from models.memory import MemoryOptions
 from parallel.groups import ParallelDims
 
 from . import checkpoint, engines, faults
@@ -98,6 +99,7 @@ def validate(cfg, world: int) -> ParallelDims:
     engine_module = importlib.import_module(engines.ENGINES[cfg.engine.name].split(":")[0])
     if hasattr(engine_module, "validate_config"):
         engine_module.validate_config(cfg)
+    MemoryOptions.from_train(t)
     checkpoint.validate(cfg.checkpoint)
     faults.validate(cfg.faults, cfg.checkpoint)
     opts = p.options
