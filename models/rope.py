@@ -141,8 +141,13 @@ class Rotary(torch.nn.Module):
 
     def __init__(self, cfg: RopeConfig, theta: float, dim: int):
         super().__init__()
+        self.cfg, self.theta, self.dim = cfg, theta, dim
         inv_freq, self.attention_scaling = inv_freq_and_scale(cfg, theta, dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset(self) -> None:
+        """Recompute the frequencies on the CPU, e.g. after the model was built on `meta`."""
+        self.inv_freq = inv_freq_and_scale(self.cfg, self.theta, self.dim)[0]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.float()  # [T, D/2]
