@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .llama import Llama, LlamaConfig
-from .rope import ROPE_TYPES, RopeConfig, Rotary
+from .rope import FROM_CHECKPOINT, ROPE_TYPES, RopeConfig, Rotary
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -140,7 +140,7 @@ def config_to_hf(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
     if cfg.o_bias and not cfg.qkv_bias:
         raise ValueError("a model with an output-projection bias but no q/k/v biases has no Hugging Face equivalent")
     family = "qwen2" if cfg.qkv_bias and not cfg.o_bias else "llama"
-    rope = cfg.rope or RopeConfig()
+    rope = cfg.rope
     theta = rope.theta or cfg.rope_theta
     params = {"rope_type": rope.type, "rope_theta": theta}
     if rope.type != "default":
@@ -158,7 +158,7 @@ def config_to_hf(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
         "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim,
         "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": rope.max_position_embeddings, "rope_parameters": params,
+        "max_position_embeddings": rope.context, "rope_parameters": params,
         "dtype": str(dtype).removeprefix("torch."),
     }
     if family == "llama":
@@ -217,20 +217,37 @@ def _check_weights(files: dict[str, Path], model: Llama) -> dict[str, str]:
     return {ours: hf_name for hf_name, (ours, _) in wanted.items()}
 
 
-def _reset_rotary(model: Llama) -> None:
-    """Recompute the RoPE buffers (not in checkpoints) after the model was built on `meta`."""
+def assign_weights(model: Llama, state: dict[str, torch.Tensor], source: str) -> Llama:
+    """Put `state` (every tensor by our name, already checked; the tied output may be absent)
+    into a model built on the meta device, then compute its RoPE buffers."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys or set(result.missing_keys) - {"output.weight"}:
+        raise ValueError(f"{source}: tensors do not match the model: {result}")
+    if model.cfg.tie_embeddings:
+        model.output.weight = model.embed.weight
     for module in model.modules():
         if isinstance(module, Rotary):
             module.reset()
+    return model
+
+
+def with_rope(cfg: LlamaConfig, rope: RopeConfig | None) -> LlamaConfig:
+    """A checkpoint's config with its RoPE replaced by `rope` (context extension); settings
+    `rope` leaves unset (theta, the contexts) keep the checkpoint's.  None or type
+    `checkpoint`: unchanged."""
+    if rope is None or rope.type == FROM_CHECKPOINT:
+        return cfg
+    ckpt = cfg.rope
+    return dataclasses.replace(cfg, rope=dataclasses.replace(
+        rope, theta=rope.theta or ckpt.theta, max_position_embeddings=rope.max_position_embeddings or ckpt.context,
+        original_max_position_embeddings=rope.original_max_position_embeddings or ckpt.original_context))
 
 
 def from_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, rope: RopeConfig | None = None) -> Llama:
     """A Llama with the weights of the Hugging Face folder `path`; `rope` replaces the
-    checkpoint's RoPE (context extension)."""
+    checkpoint's RoPE (see with_rope)."""
     folder = Path(path)
-    cfg = config_from_hf(folder)
-    if rope is not None:
-        cfg = dataclasses.replace(cfg, rope=rope)
+    cfg = with_rope(config_from_hf(folder), rope)
     files = _weight_files(folder)
     with torch.device("meta"):
         model = Llama(cfg)
@@ -245,13 +262,7 @@ def from_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, rop
         with safe_open(file, framework="pt") as f:
             for ours in ours_names:
                 state[ours] = f.get_tensor(mapping[ours]).to(dtype)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys or set(result.missing_keys) - {"output.weight"}:
-        raise ValueError(f"{folder}: internal name mismatch {result}")
-    if cfg.tie_embeddings:
-        model.output.weight = model.embed.weight
-    _reset_rotary(model)
-    return model
+    return assign_weights(model, state, str(folder))
 
 
 def save_pretrained(model: Llama, path: str | Path, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
@@ -283,3 +294,27 @@ def save_pretrained(model: Llama, path: str | Path, *, max_shard_bytes: int = MA
         weight_map.update({name: file for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+# ---- the training run's model -------------------------------------------------------------
+def resolve_config(cfg: LlamaConfig, data_vocab: int, data_name: str) -> LlamaConfig:
+    """The model config a run builds.  model.path set (model=hf): shape, vocabulary and RoPE
+    from its config.json, a `model.rope` of another type than `checkpoint` replacing the RoPE
+    (with_rope); otherwise `cfg` with vocab_size from the data.  Raises when the data's token
+    ids do not fit the embedding."""
+    if cfg.path:
+        resolved = with_rope(config_from_hf(cfg.path), cfg.rope)
+        where = f"model.path={cfg.path!r} ({CONFIG_FILE}: vocab_size={resolved.vocab_size})"
+    else:
+        resolved = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data_vocab)
+        where = f"model.vocab_size={resolved.vocab_size}"
+    if resolved.vocab_size < data_vocab:
+        raise ValueError(f"the data's tokenizer ({data_name}: {data_vocab} ids, end-of-document included) does not "
+                         f"fit the embedding of {where}; prepare the data with the model's tokenizer.json and its "
+                         f"--eos-token, or raise the vocabulary")
+    return resolved
+
+
+def build_model(cfg: LlamaConfig) -> Llama:
+    """A resolved config's model: the checkpoint's weights (model=hf) or a fresh init."""
+    return from_pretrained(cfg.path, rope=cfg.rope) if cfg.path else Llama(cfg)

@@ -12,7 +12,7 @@ cross-rank exchange.  Linear layers are plain `nn.Linear` attributes with stable
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ class LlamaConfig:
     ffn_dim: int | None = None
     multiple_of: int = 32
     rope_theta: float = 10000.0
-    rope: RopeConfig | None = None      # RoPE scaling (models/rope.py); None: plain RoPE (model=hf: the checkpoint's)
+    rope: RopeConfig = field(default_factory=RopeConfig)    # RoPE and its scaling rule (models/rope.py)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     qkv_bias: bool = False              # biases on the q/k/v projections (Qwen2)
@@ -80,8 +80,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        rope = cfg.rope or RopeConfig()
-        self.rotary = Rotary(rope, rope.theta or cfg.rope_theta, cfg.head_dim)
+        self.rotary = Rotary(cfg.rope, cfg.rope.theta or cfg.rope_theta, cfg.head_dim)
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)

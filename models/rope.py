@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+FROM_CHECKPOINT = "checkpoint"   # model=hf: keep the checkpoint's RoPE
+DEFAULT_CONTEXT = 4096
 
 
 @dataclass
@@ -38,8 +40,10 @@ class RopeConfig:
     type: str = "default"
     theta: float | None = None                     # None: model.rope_theta
     factor: float | None = 1.0                     # None (yarn): max_position_embeddings / original
-    max_position_embeddings: int = 4096            # the model's context (dynamic; yarn when factor is None)
-    original_max_position_embeddings: int | None = None   # pretraining context (yarn, llama3); None: max_position_embeddings
+    max_position_embeddings: int | None = None     # the model's context (dynamic; yarn without factor); None: the
+                                                   # checkpoint's (model=hf), else DEFAULT_CONTEXT
+    original_max_position_embeddings: int | None = None   # pretraining context (yarn, llama3); None: the
+                                                   # checkpoint's original context (model=hf), else the model's
     seq_len: int | None = None                     # dynamic: the context the frequencies are computed for
     low_freq_factor: float = 1.0                   # llama3
     high_freq_factor: float = 4.0                  # llama3
@@ -51,8 +55,9 @@ class RopeConfig:
     truncate: bool = True                          # yarn: round the ramp's ends to whole dimensions
 
     def __post_init__(self):
-        if self.type not in ROPE_TYPES:
-            raise ValueError(f"model.rope.type={self.type!r} is not implemented; choose one of {', '.join(ROPE_TYPES)}")
+        if self.type not in ROPE_TYPES + (FROM_CHECKPOINT,):
+            raise ValueError(f"model.rope.type={self.type!r} is not implemented; choose one of {', '.join(ROPE_TYPES)} "
+                             f"(or {FROM_CHECKPOINT} with model.path)")
         if self.factor is None and self.type not in ("default", "yarn") or self.factor is not None and self.factor < 1:
             raise ValueError(f"model.rope.factor={self.factor} must be a number >= 1 for rope type {self.type}")
         if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
@@ -60,8 +65,12 @@ class RopeConfig:
                              f"model.rope.low_freq_factor={self.low_freq_factor}")
 
     @property
+    def context(self) -> int:
+        return self.max_position_embeddings or DEFAULT_CONTEXT
+
+    @property
     def original_context(self) -> int:
-        return self.original_max_position_embeddings or self.max_position_embeddings
+        return self.original_max_position_embeddings or self.context
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -71,7 +80,7 @@ def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
 
 
 def _yarn(cfg: RopeConfig, theta: float, dim: int) -> tuple[torch.Tensor, float]:
-    factor = cfg.factor or cfg.max_position_embeddings / cfg.original_context
+    factor = cfg.factor or cfg.context / cfg.original_context
 
     def mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -110,12 +119,14 @@ def _llama3(cfg: RopeConfig, theta: float, dim: int) -> torch.Tensor:
 def inv_freq_and_scale(cfg: RopeConfig, theta: float, dim: int) -> tuple[torch.Tensor, float]:
     """(inverse frequencies float32 [dim / 2], attention factor) of the rule `cfg.type`; the
     scalars are Python floats (double), the tensors float32, in the reference's order."""
+    if cfg.type == FROM_CHECKPOINT:
+        raise ValueError(f"model.rope.type={FROM_CHECKPOINT} needs model.path (a Hugging Face checkpoint) to take it from")
     if cfg.type == "default":
         inv, scale = _base_inv_freq(theta, dim), 1.0
     elif cfg.type == "linear":
         inv, scale = _base_inv_freq(theta, dim) / cfg.factor, 1.0
     elif cfg.type == "dynamic":
-        m = cfg.max_position_embeddings
+        m = cfg.context
         length = max(cfg.seq_len or m, m)
         grown = theta * (cfg.factor * length / m - (cfg.factor - 1)) ** (dim / (dim - 2))
         inv, scale = _base_inv_freq(grown, dim), 1.0

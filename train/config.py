@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 
 from models.llama import LlamaConfig
 
+from .evaluate import EvalConfig
+
 
 @dataclass
 class ParallelConfig:
@@ -109,6 +111,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register() -> None:

@@ -2,7 +2,8 @@
 
 Per micro-batch: the sequence's documents give the mask; `parallel.build` (rebuilt every
 step, no collectives) picks this rank's rows and their global positions; the model runs on
-those rows with `cp.attention` as its core attention.
+those rows with `cp.attention` as its core attention (which keeps the global positions for
+the mask) and RoPE at the rows' document-relative positions.
 Loss invariant: loss_local = sum of cross-entropy over this rank's rows / number of
 predicted tokens in the WHOLE sequence, so the sum over the CP group is the DP rank's mean
 loss; the engine turns gradients into SUM over CP, MEAN over DP, and the logged loss is
@@ -29,10 +30,11 @@ from tqdm import tqdm
 
 import parallel
 from kernels import MaskSpec
-from models.llama import Llama
+from models import hf
+from models.rope import document_positions
 from parallel.groups import ParallelDims
 
-from . import checkpoint, engines, faults
+from . import checkpoint, engines, evaluate, faults
 from .dist import describe_timeout, is_timeout
 from .data import build_loader, next_token_labels
 from .logger import WandbLogger
@@ -130,7 +132,8 @@ def micro_step(seq, cfg, engine, cp_group, device, amp_dtype, last: bool) -> tup
     labels = next_token_labels(seq.tokens, None if cfg.train.mask == "causal" else seq.doc_lens)
     n_predicted = max(int((labels != -100).sum()), 1)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = engine.module(cp.shard(seq.tokens.to(device)), cp.positions.to(device), cp.attention)
+        positions = document_positions(cp.positions, mask.cu_doc_starts).to(device)
+        logits = engine.module(cp.shard(seq.tokens.to(device)), positions, cp.attention)
     local = F.cross_entropy(logits.float(), cp.shard(labels.to(device)), ignore_index=-100, reduction="sum")
     loss = local / n_predicted
     engine.backward(loss, last_micro=last)
@@ -154,17 +157,15 @@ def run(cfg, stop_at_step: int | None = None) -> list[dict]:
     dims = validate(cfg, world)
     device, amp_dtype = resolve_device(cfg.train)
     loader = build_loader(cfg.data, cfg.train.seed, dims.coordinates(rank)[0], dims.dp)
-    vocab = cfg.model.vocab_size or loader.corpus.vocab_size
-    if vocab < loader.corpus.vocab_size:
-        raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({loader.corpus.vocab_size})")
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+    model_cfg = hf.resolve_config(cfg.model, loader.corpus.vocab_size, f"data.source={cfg.data.source}")
+    evaluator = evaluate.build_evaluator(cfg)
     groups = build_groups(cfg, dims) if distributed else None  # the first collective: every check is above
     cp_group = groups.cp_group if groups else None
     if rank == 0 and not cfg.train.progress:
         print(f"world {world}: dp={dims.dp} cp={dims.cp} tp={dims.tp}, engine={cfg.engine.name}, "
               f"parallel={cfg.parallel.strategy}", flush=True)
     torch.manual_seed(cfg.train.seed)
-    model = Llama(model_cfg).to(device)
+    model = hf.build_model(model_cfg).to(device)
     # FLOPs per token are linear in attention pairs; taken from the whole model before an
     # engine shards it (TP) or partitions it (ZeRO-3)
     dense_flops = model.flops_per_token(0.0)
@@ -243,6 +244,8 @@ def run(cfg, stop_at_step: int | None = None) -> list[dict]:
                 if rank == 0 and not cfg.train.progress:
                     print(f"step {step} loss {loss_value:.6f} grad_norm {out['grad_norm']:.4f} lr {out['lr']:.3e} "
                           f"tokens_per_s {metrics['tokens_per_s']:.0f}", flush=True)
+            evaluate.maybe_eval(evaluator, step, engine.module, cp_group, device, amp_dtype, logger, rank,
+                                run_dir(cfg.train))
             smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.3f}", avg=f"{smooth:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
