@@ -1,0 +1,64 @@
+"""Training from a Hugging Face checkpoint (model=hf) and exporting the run's checkpoint back."""
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+import kernels
+from models import hf
+from models.llama import Llama, LlamaConfig
+from models.rope import RopeConfig, document_positions
+from scripts.export_hf import main as export_main
+from tests.train.test_eval import config, corpus  # noqa: F401 - the fixture
+from train.data import build_loader, next_token_labels
+from train.loop import build_mask, run
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(3)
+    model = Llama(LlamaConfig(vocab_size=300, dim=32, n_heads=4, n_kv_heads=2, qkv_bias=True, tie_embeddings=False))
+    hf.save_pretrained(model, tmp_path / "pretrained")
+    return tmp_path / "pretrained"
+
+
+def test_training_starts_from_the_checkpoint_and_exports_back(corpus, checkpoint, tmp_path):  # noqa: F811
+    cfg = config(corpus, tmp_path / "run", "model=hf", f"model.path={checkpoint}", "train.steps=1", "optim.lr=0",
+                 "optim.warmup_steps=0", "checkpoint=default", "checkpoint.every=1")
+    history = run(cfg)
+    seq = next(build_loader(cfg.data, cfg.train.seed, 0, 1))
+    model = hf.from_pretrained(checkpoint)
+    mask = build_mask(seq.doc_lens, cfg.train)
+    pos = torch.arange(seq.tokens.numel())
+    with torch.no_grad():
+        logits = model(seq.tokens, document_positions(pos, mask.cu_doc_starts),
+                       lambda q, k, v: kernels.attention(q, k, v, mask, q_pos=pos, k_pos=pos)[0])
+    want = F.cross_entropy(logits, next_token_labels(seq.tokens, seq.doc_lens), ignore_index=-100)
+    assert history[0]["loss"] == pytest.approx(float(want), abs=1e-5)
+
+    run_config = tmp_path / "run_config.yaml"
+    OmegaConf.save(OmegaConf.structured(cfg), run_config)
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    export_main([str(step), str(tmp_path / "exported"), "--config", str(run_config)])
+    original, exported = load_file(checkpoint / hf.WEIGHTS_FILE), load_file(tmp_path / "exported" / hf.WEIGHTS_FILE)
+    assert original.keys() == exported.keys()
+    for name, t in original.items():
+        assert torch.equal(t, exported[name]), name  # lr = 0: the weights went through unchanged
+
+
+def test_a_tokenizer_larger_than_the_embedding_raises_naming_both(corpus, tmp_path):  # noqa: F811
+    small = Llama(LlamaConfig(vocab_size=100, dim=32, n_heads=4, n_kv_heads=2))
+    hf.save_pretrained(small, tmp_path / "small")
+    cfg = config(corpus, tmp_path / "run", "model=hf", f"model.path={tmp_path / 'small'}", "train.steps=1")
+    with pytest.raises(ValueError, match=r"data.source=stdlib: 257 ids.*config.json: vocab_size=100"):
+        run(cfg)
+
+
+def test_model_rope_replaces_the_checkpoint_rope_keeping_its_theta(checkpoint):
+    cfg = hf.resolve_config(LlamaConfig(path=str(checkpoint), rope=RopeConfig(type="yarn", factor=4.0)), 257, "x")
+    assert cfg.rope.type == "yarn" and cfg.rope.theta == 10000.0 and cfg.rope.original_context == 4096
+    assert hf.resolve_config(LlamaConfig(path=str(checkpoint), rope=RopeConfig(type="checkpoint")), 257,
+                             "x").rope.type == "default"
+    with pytest.raises(ValueError, match="model.rope.type=checkpoint needs model.path"):
+        Llama(LlamaConfig(vocab_size=10, rope=RopeConfig(type="checkpoint")))
