@@ -5,7 +5,8 @@
 
 The model settings come from the run's saved Hydra config (by default the .hydra/config.yaml
 two folders above the checkpoint), overridable with model.* arguments; the weights from the
-checkpoint of any engine (train/export.py).  The folder loads with
+checkpoint of any engine (train/export.py).  A model trained from scratch records its
+data.seqlen as max_position_embeddings (the original context a later extension scales from).  The folder loads with
 transformers.AutoModelForCausalLM.from_pretrained and with models.hf.from_pretrained.
 """
 from __future__ import annotations
@@ -29,9 +30,12 @@ def run_model_config(checkpoint: str, config: str | None, overrides: list[str]) 
     bad = [o for o in overrides if not o.startswith("model.")]
     if bad:
         raise ValueError(f"only model.* overrides are taken here, got {bad}")
-    model = OmegaConf.merge(OmegaConf.structured(LlamaConfig), OmegaConf.load(path).model,
-                            OmegaConf.from_dotlist([o.removeprefix("model.") for o in overrides]))
-    return OmegaConf.to_object(model)
+    run = OmegaConf.load(path)
+    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LlamaConfig), run.model,
+                                                OmegaConf.from_dotlist([o.removeprefix("model.") for o in overrides])))
+    if not model.path and model.rope.max_position_embeddings is None:  # trained from scratch at data.seqlen
+        model.rope.max_position_embeddings = int(run.data.seqlen)
+    return model
 
 
 def main(argv=None) -> None:

@@ -62,3 +62,25 @@ def test_model_rope_replaces_the_checkpoint_rope_keeping_its_theta(checkpoint):
                              "x").rope.type == "default"
     with pytest.raises(ValueError, match="model.rope.type=checkpoint needs model.path"):
         Llama(LlamaConfig(vocab_size=10, rope=RopeConfig(type="checkpoint")))
+
+
+def test_a_checkpoint_folder_tokenizer_prepares_data_that_trains(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from scripts.prepare_data import prepare
+
+    words = ["<unk>", "</s>"] + [f"w{i}" for i in range(30)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "model"
+    hf.save_pretrained(Llama(LlamaConfig(vocab_size=len(words), dim=32, n_heads=4, n_kv_heads=2)), folder)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    (tmp_path / "text").mkdir()
+    for d in range(4):
+        (tmp_path / "text" / f"{d}.txt").write_text(" ".join(f"w{(d * i) % 30}" for i in range(60)))
+    meta = prepare(str(tmp_path / "text"), str(tmp_path / "tokens"), tokenizer=str(folder))
+    assert meta["vocab_size"] == len(words) and meta["eos_id"] == 1
+    history = run(config(str(tmp_path / "text"), tmp_path / "run", "model=hf", f"model.path={folder}", "data=tokens",
+                         f"data.path={tmp_path / 'tokens'}", "data.seqlen=32", "train.steps=2"))
+    assert len(history) == 2
