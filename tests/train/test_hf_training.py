@@ -84,3 +84,21 @@ def test_a_checkpoint_folder_tokenizer_prepares_data_that_trains(tmp_path):
     history = run(config(str(tmp_path / "text"), tmp_path / "run", "model=hf", f"model.path={folder}", "data=tokens",
                          f"data.path={tmp_path / 'tokens'}", "data.seqlen=32", "train.steps=2"))
     assert len(history) == 2
+
+
+def test_tensor_parallel_shards_merge_back_into_the_plain_weights():
+    from train.engines.tensor_parallel import COLUMN, ROW
+    from train.export import _merge_tp
+
+    model = Llama(LlamaConfig(vocab_size=50, dim=32, n_heads=4, n_kv_heads=2))
+    saved = {}
+    for name, t in model.state_dict().items():
+        layer = name.rsplit(".", 1)[0]
+        dim = 0 if layer.endswith(COLUMN) else 1 if layer.endswith(ROW) else None
+        if dim is None:
+            saved[name] = t
+        else:  # what megatron's rank r holds: rows / columns [r n / 2, (r + 1) n / 2)
+            saved.update({f"{name}@tp{r}": part for r, part in enumerate(t.chunk(2, dim=dim))})
+    merged = _merge_tp(saved)
+    assert merged.keys() == model.state_dict().keys()
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
