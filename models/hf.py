@@ -232,15 +232,16 @@ def assign_weights(model: Llama, state: dict[str, torch.Tensor], source: str) ->
 
 
 def with_rope(cfg: LlamaConfig, rope: RopeConfig | None) -> LlamaConfig:
-    """A checkpoint's config with its RoPE replaced by `rope` (context extension); settings
-    `rope` leaves unset (theta, the contexts) keep the checkpoint's.  None or type
-    `checkpoint`: unchanged."""
+    """A checkpoint's config with its RoPE replaced by `rope` (context extension).  Unset in
+    `rope`: theta and max_position_embeddings keep the checkpoint's, and the original context
+    a scaling rule starts from is the checkpoint's max_position_embeddings (the context it was
+    trained for).  None or type `checkpoint`: unchanged."""
     if rope is None or rope.type == FROM_CHECKPOINT:
         return cfg
     ckpt = cfg.rope
     return dataclasses.replace(cfg, rope=dataclasses.replace(
         rope, theta=rope.theta or ckpt.theta, max_position_embeddings=rope.max_position_embeddings or ckpt.context,
-        original_max_position_embeddings=rope.original_max_position_embeddings or ckpt.original_context))
+        original_max_position_embeddings=rope.original_max_position_embeddings or ckpt.context))
 
 
 def from_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, rope: RopeConfig | None = None) -> Llama:
