@@ -102,3 +102,12 @@ def test_tensor_parallel_shards_merge_back_into_the_plain_weights():
     merged = _merge_tp(saved)
     assert merged.keys() == model.state_dict().keys()
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+
+
+def test_extend_context_experiment_rescales_rope_for_the_new_seqlen(checkpoint, tmp_path):
+    cfg = config("unused", tmp_path, "model=hf", f"model.path={checkpoint}", "experiment=extend_context",
+                 "data.seqlen=2048")
+    assert (cfg.model.rope.type, cfg.model.rope.factor, cfg.model.rope.max_position_embeddings) == ("yarn", 4.0, 2048)
+    assert cfg.optim.lr < 1e-3 and cfg.eval.every > 0
+    resolved = hf.resolve_config(cfg.model, 257, "bytes")
+    assert resolved.rope.original_context == 4096 and resolved.rope.theta == 10000.0
