@@ -10,7 +10,6 @@ process, for export (scripts/export_hf.py) and evaluation (scripts/eval_longctx.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 
