@@ -35,15 +35,16 @@ DEFAULT_CONTEXT = 4096
 @dataclass
 class RopeConfig:
     """`model.rope`: the rule and its parameters; unused parameters of a rule are ignored.
-    With model=hf, a `model.rope` given replaces the checkpoint's RoPE as a whole."""
+    With model=hf, type `checkpoint` (conf/model/hf.yaml) keeps the checkpoint's RoPE and any
+    other type replaces it (models.hf.with_rope fills in what is left unset)."""
 
     type: str = "default"
     theta: float | None = None                     # None: model.rope_theta
     factor: float | None = 1.0                     # None (yarn): max_position_embeddings / original
     max_position_embeddings: int | None = None     # the model's context (dynamic; yarn without factor); None: the
                                                    # checkpoint's (model=hf), else DEFAULT_CONTEXT
-    original_max_position_embeddings: int | None = None   # pretraining context (yarn, llama3); None: the
-                                                   # checkpoint's original context (model=hf), else the model's
+    original_max_position_embeddings: int | None = None   # the context before scaling (yarn, llama3); None:
+                                                   # the checkpoint's max_position_embeddings (model=hf), else the above
     seq_len: int | None = None                     # dynamic: the context the frequencies are computed for
     low_freq_factor: float = 1.0                   # llama3
     high_freq_factor: float = 4.0                  # llama3

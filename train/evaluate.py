@@ -88,7 +88,8 @@ class Evaluator:
         self.tokenizer = corpus_tokenizer(corpus)
         self.docs = long_documents(corpus, self.seqlen + 1, ecfg.num_docs, ecfg.seed)
         lengths = list(ecfg.passkey_lengths) or [self.seqlen // 4, self.seqlen // 2, self.seqlen]
-        filler = filler_stream(corpus, max(lengths), ecfg.seed, getattr(self.tokenizer, "eos_id", None))
+        eos = getattr(corpus, "meta", {}).get("eos_id", self.tokenizer.eos_id)  # prepare_data records the one it used
+        filler = filler_stream(corpus, max(lengths), ecfg.seed, eos)
         self.passkeys = {
             (n, d): [passkey_sequence(self.tokenizer, filler, n, d, ecfg.passkey_digits, [ecfg.seed, n, i, round(d * 1000)])
                      for i in range(ecfg.passkey_trials)]
