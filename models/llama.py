@@ -1,8 +1,9 @@
 """A Llama-style decoder in one plain file, with the core attention handed in.
 
 The model works on one packed sequence of documents (no batch dimension): tokens [T]
-and their *global* positions [T], so a context-parallel strategy can give each rank any
-subset of rows.  RoPE rotates at the global positions, and the core attention
+and their positions [T], so a context-parallel strategy can give each rank any subset of
+rows.  RoPE rotates at the positions given (document-relative ones for packed documents,
+models/rope.py, which also holds the scaling rules for longer contexts); the core attention
 softmax(QK^T)V is the `attn(q, k, v)` callable of the caller (a CP strategy's
 `attention`, or `kernels.attention` with a mask), which owns the mask and every
 cross-rank exchange.  Linear layers are plain `nn.Linear` attributes with stable names
@@ -11,13 +12,14 @@ cross-rank exchange.  Linear layers are plain `nn.Linear` attributes with stable
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .memory import MemoryOptions
+from .rope import RopeConfig, Rotary
 
 
 @dataclass
@@ -33,9 +35,13 @@ class LlamaConfig:
     ffn_dim: int | None = None
     multiple_of: int = 32
     rope_theta: float = 10000.0
+    rope: RopeConfig = field(default_factory=RopeConfig)    # RoPE and its scaling rule (models/rope.py)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    qkv_bias: bool = False              # biases on the q/k/v projections (Qwen2)
+    o_bias: bool = False                # a bias on the output projection (Llama's attention_bias=True)
     init_std: float = 0.02
+    path: str | None = None             # model=hf: a Hugging Face checkpoint folder; its config.json sets the shape
 
     def __post_init__(self):
         if self.n_heads < 1 or self.dim % self.n_heads != 0:
@@ -69,34 +75,24 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype) * self.weight
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate x [T, H, D] by angle pos * theta^(-2i/D) on the pairs (x[i], x[i + D/2])."""
-    d = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [T, D/2]
-    cos, sin = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
-
-
 class Attention(nn.Module):
-    """QKV projection, RoPE at global positions, core attention by `attn`, O projection."""
+    """QKV projection, RoPE at the given positions, core attention by `attn`, O projection."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.rope_theta = cfg.rope_theta
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.rotary = Rotary(cfg.rope, cfg.rope.theta or cfg.rope_theta, cfg.head_dim)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
     def forward(self, x, positions, attn):
         t = x.shape[0]
         q = self.wq(x).view(t, -1, self.head_dim)
         k = self.wk(x).view(t, -1, self.head_dim)
         v = self.wv(x).view(t, -1, self.head_dim)
-        q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
         out = attn(q, k, v)
         return self.wo(out.reshape(t, -1))
 
@@ -145,9 +141,12 @@ class Llama(nn.Module):
     def _init(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attn, labels=None) -> torch.Tensor:
-        """tokens [T] long, positions [T] long (global), attn(q, k, v) -> out; logits [T, V].
+        """tokens [T] long, positions [T] long (RoPE positions: document-relative in packed
+        training, see models.rope.document_positions), attn(q, k, v) -> out; logits [T, V].
         With labels [T] (-100: no target): the summed float32 cross-entropy of those logits
         instead, `self.memory.loss_chunk` tokens at a time when set."""
         with self.memory.saving():

@@ -6,7 +6,8 @@ Every text file (--ext, default .txt .md .rst .py) is one document; every line o
 .jsonl file is one document (its --text-key field).  Each document ends with the
 tokenizer's end-of-document id.  OUTPUT_DIR gets tokens.bin (raw, uint16 or uint32),
 doc_offsets.npy (int64 [ndocs + 1]) and meta.json, which `data=tokens data.path=...` reads.
-The default tokenizer is bytes; --tokenizer takes a Hugging Face `tokenizers` file.
+The default tokenizer is bytes; --tokenizer takes a Hugging Face `tokenizers` file or a model
+folder holding tokenizer.json (the end-of-document token from its tokenizer_config.json).
 
 Bad input stops the run with a ValueError naming the file (and line): a .jsonl line that
 is not a JSON object with a string --text-key field, a text file that is not UTF-8 or holds
@@ -123,7 +124,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("input_dir")
     ap.add_argument("output_dir")
-    ap.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer.json (needs `pip install tokenizers`)")
+    ap.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer.json, or a model folder holding one "
+                    "(its tokenizer_config.json names the end-of-document token); needs `pip install tokenizers`")
     ap.add_argument("--eos-token", default=None, help="the tokenizer's end-of-document token (default: a new id)")
     ap.add_argument("--ext", nargs="+", default=[".txt", ".md", ".rst", ".py"], help="text file suffixes")
     ap.add_argument("--text-key", default="text", help="field holding the text in .jsonl records")

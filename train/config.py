@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from models.llama import LlamaConfig
 
 
+
 @dataclass
 class ParallelConfig:
     """Context-parallel strategy and the rank grid.  cp=None takes world / (tp * dp)."""
@@ -107,6 +108,23 @@ class FaultsConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`eval.*`: every=N evaluates after every N training steps (0: never)."""
+
+    every: int = 0
+    checkpoint: str | None = None           # scripts.eval_longctx: a <run>/checkpoints/step_<n> to evaluate
+    seqlen: int | None = None               # loss-by-position context; None: data.seqlen
+    path: str | None = None                 # held-out documents (a data.source folder); None: the training corpus
+    num_docs: int = 4                       # documents for the loss by position
+    buckets: int = 8
+    passkey_lengths: list[int] = field(default_factory=list)   # None/empty: [seqlen / 4, seqlen / 2, seqlen]
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 4
+    passkey_digits: int = 5
+    seed: int = 1234
+
+
+@dataclass
 class Config:
     model: LlamaConfig = field(default_factory=LlamaConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -117,6 +135,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -142,6 +161,16 @@ def run_dir(out_dir: str | None) -> str:
     if out_dir:
         return out_dir
     return os.environ.get(RUN_DIR_ENV) or os.path.join("runs", time.strftime("%Y-%m-%d/%H-%M-%S"))
+
+
+def run_folder(tcfg) -> str:
+    """The folder of the run in progress: train.out_dir, else Hydra's run folder, else (no
+    Hydra app) run_dir's default."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not tcfg.out_dir and HydraConfig.initialized():
+        return HydraConfig.get().runtime.output_dir
+    return run_dir(tcfg.out_dir)
 
 
 def register() -> None:

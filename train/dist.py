@@ -56,6 +56,20 @@ def init_from_config(cfg) -> bool:
     return init(cfg.train.device, cfg.train.dist_timeout_s)
 
 
+def build_groups(cfg, dims):
+    """megatron takes its rank grid from megatron-core's parallel_state; the others from ParallelDims."""
+    if cfg.engine.name == "megatron":
+        from .engines.megatron import build_groups as megatron_groups
+
+        return megatron_groups(dims)
+    return dims.build()
+
+
+def join_single_process() -> None:
+    """A 1-rank gloo group for an engine that needs one (DeepSpeed) in a plain single process."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
 def backend_for(device: str) -> str:
     """nccl when the run uses CUDA, gloo on CPU."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())

@@ -15,7 +15,7 @@ the file named by $LONGCTX_STOP_FILE; the loop checks it every step (ranks agree
 MAX all-reduce), saves a checkpoint and returns, and the batch script requeues the job.
 Dead peers are handled elsewhere: the peer watchdog (train/watchdog.py), collective
 timeouts (train/dist.py) and torchrun --max-restarts with automatic resume
-(train/checkpoint.py). `begin_step` tells them which step the trainer is at.
+(train/checkpoint.py); the trainer reports each step to them with `train.dist.beat`.
 
 `python -m train.faults root-cause FOLDER` prints the earliest error among the torchrun
 error records in FOLDER (slurm/launch.sh: one per node), so a multi-node job's root cause is
@@ -36,7 +36,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-from . import dist as joined_group
 
 POLICIES = ("raise", "skip", "rewind")
 STOP_FILE_ENV = "LONGCTX_STOP_FILE"
@@ -62,9 +61,8 @@ def validate(faults_cfg, checkpoint_cfg) -> None:
 
 
 def begin_step(faults_cfg, rank: int, step: int) -> None:
-    """Called as each step begins: report the step (heartbeat, failure messages) and fire
-    the test-only fault faults.inject names for this rank and step."""
-    joined_group.beat(step)
+    """Called as each step begins (after train.dist.beat): fire the test-only fault
+    faults.inject names for this rank and step."""
     found = INJECT.match(faults_cfg.inject or "")
     if found and (int(found.group(1)), int(found.group(2))) == (rank, step):
         raise InjectedFault(f"faults.inject={faults_cfg.inject}: rank {rank} raised at step {step}")

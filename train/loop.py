@@ -30,40 +30,18 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import parallel
-from models.llama import Llama
+from models import hf
 from models.memory import MemoryOptions
+from models.rope import document_positions
 
-from . import checkpoint, config, engines, faults
+from . import checkpoint, config, engines, evaluate, faults
 from .data import build_loader, next_token_labels
-from .dist import describe_timeout, is_timeout
+from .dist import beat, build_groups, describe_timeout, is_timeout, join_single_process
 from .logger import WandbLogger, run_name
 from .metrics import attention_pairs, peak_flops, peak_memory_mb, throughput
 from .validate import build_mask, resolve_device, uses_documents, validate
 
 log = logging.getLogger(__name__)
-
-
-def build_groups(cfg, dims):
-    """megatron takes its rank grid from megatron-core's parallel_state; the others from ParallelDims."""
-    if cfg.engine.name == "megatron":
-        from .engines.megatron import build_groups as megatron_groups
-
-        return megatron_groups(dims)
-    return dims.build()
-
-
-def join_single_process() -> None:
-    """A 1-rank gloo group for an engine that needs one (DeepSpeed) in a plain single process."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-
-
-def run_dir(tcfg) -> str:
-    """train.out_dir, else Hydra's run folder, else (no Hydra app) config.run_dir's default."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not tcfg.out_dir and HydraConfig.initialized():
-        return HydraConfig.get().runtime.output_dir
-    return config.run_dir(tcfg.out_dir)
 
 
 class Trainer:
@@ -79,24 +57,22 @@ class Trainer:
         memory = MemoryOptions.from_train(cfg.train)
         memory.check_device(self.device)
         self.loader = build_loader(cfg.data, cfg.train.seed, self.dims.coordinates(self.rank)[0], self.dims.dp)
-        vocab = cfg.model.vocab_size or self.loader.corpus.vocab_size
-        if vocab < self.loader.corpus.vocab_size:
-            raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary "
-                             f"({self.loader.corpus.vocab_size})")
+        model_cfg = hf.resolve_config(cfg.model, self.loader.corpus.vocab_size, f"data.source={cfg.data.source}")
+        self.evaluator = evaluate.build_evaluator(cfg)
         # the first collective: every check is above
         self.groups = build_groups(cfg, self.dims) if self.distributed else None
         self.cp_group = self.groups.cp_group if self.groups else None
         self.info(f"world {self.world}: dp={self.dims.dp} cp={self.dims.cp} tp={self.dims.tp}, "
                   f"engine={cfg.engine.name}, parallel={cfg.parallel.strategy}")
         torch.manual_seed(cfg.train.seed)
-        model = Llama(dataclasses.replace(cfg.model, vocab_size=vocab)).to(self.device)
+        model = hf.build_model(model_cfg).to(self.device)
         model.memory = memory
         # FLOPs per token are linear in attention pairs; taken from the whole model before an
         # engine shards it (TP) or partitions it (ZeRO-3)
         self.dense_flops = model.flops_per_token(0.0)
         self.pair_flops = model.flops_per_token(1.0) - self.dense_flops
         self.engine = engines.build(cfg.engine.name, model, cfg, self.groups)
-        self.folder = run_dir(cfg.train)
+        self.folder = config.run_folder(cfg.train)
         self.ckpt = None
         if cfg.checkpoint.every or cfg.checkpoint.resume:
             self.ckpt = checkpoint.Checkpointer(cfg.checkpoint, self.rank, self.world, self.folder)
@@ -134,6 +110,8 @@ class Trainer:
                                 group=self.cp_group, mesh=self.groups, balancer=p.balancer, **p.options)
             self.note_strategy(cp, first=self.cp is None)
             self.cp, self.cp_key = cp, key
+            # RoPE turns at document-relative positions; the mask keeps the global ones
+            self.rope_positions = document_positions(cp.positions, cp.mask.cu_doc_starts).to(self.device)
         return self.cp
 
     def note_strategy(self, cp, first: bool) -> None:
@@ -157,7 +135,7 @@ class Trainer:
         n_predicted = max(int((labels != -100).sum()), 1)
         amp = self.amp_dtype
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            local = self.engine.module(cp.shard(seq.tokens.to(device)), cp.positions.to(device), cp.attention,
+            local = self.engine.module(cp.shard(seq.tokens.to(device)), self.rope_positions, cp.attention,
                                        labels=cp.shard(labels.to(device)))
         loss = local / n_predicted
         self.engine.backward(loss, last_micro=last)
@@ -177,6 +155,7 @@ class Trainer:
         """One optimizer step over train.grad_accum micro-batches; its metrics, or None when a
         non-finite loss rewound the run to the last checkpoint."""
         self.step += 1
+        beat(self.step)  # heartbeat for the peer watchdog; failure notes name this step
         faults.begin_step(self.cfg.faults, self.rank, self.step)
         accum, seqlen = self.cfg.train.grad_accum, self.cfg.data.seqlen
         t0 = time.perf_counter()
@@ -280,6 +259,8 @@ def train(trainer: Trainer, stop_at_step: int | None) -> list[dict]:
                     continue
                 history.append(metrics)
                 trainer.report(metrics)
+                evaluate.maybe_eval(trainer.evaluator, trainer.step, trainer.engine.module, trainer.cp_group,
+                                    trainer.device, trainer.amp_dtype, trainer.logger, trainer.rank, trainer.folder)
                 smooth = metrics["loss"] if smooth is None else 0.9 * smooth + 0.1 * metrics["loss"]
                 bar.update()
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", avg=f"{smooth:.3f}",

@@ -5,6 +5,9 @@ end-of-document (256), so every machine can train without downloads.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 
@@ -52,4 +55,19 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str | None, eos_token: str | None = None):
-    return ByteTokenizer() if not path else HFTokenizer(path, eos_token)
+    """Bytes (no path), a tokenizer.json, or a Hugging Face model folder: its tokenizer.json,
+    with the end-of-document token its tokenizer_config.json names (unless eos_token is given)."""
+    if not path:
+        return ByteTokenizer()
+    folder = Path(path)
+    if folder.is_dir():
+        if not (folder / "tokenizer.json").is_file():
+            raise ValueError(f"tokenizer={path!r} is a folder without tokenizer.json")
+        config = folder / "tokenizer_config.json"
+        if eos_token is None and config.is_file():
+            eos = json.loads(config.read_text()).get("eos_token")
+            eos_token = eos.get("content") if isinstance(eos, dict) else eos
+        tok = HFTokenizer(str(folder / "tokenizer.json"), eos_token)
+        tok.name = path
+        return tok
+    return HFTokenizer(path, eos_token)
