@@ -133,8 +133,8 @@ class Auto(ContextParallel):
         self.choice = format_choice(strategy, self.balancer, extra)
         self.predicted_s = t
         self.scores = {format_choice(s, b, e): p for p, s, b, e in scored}
-        if new:  # once per decision key, not every step
-            log.info("parallel=auto chose %s for %d tokens on %d ranks (predicted %.4g s fwd+bwd on %s)",
+        if new:  # once per decision key, not every step; the training loop reports it (rank 0)
+            log.debug("parallel=auto chose %s for %d tokens on %d ranks (predicted %.4g s fwd+bwd on %s)",
                      self.choice, seqlen, world, t, hw.name)
         self.mask, self.seqlen = mask, seqlen
         for attr in ("rank", "world", "index", "indices", "group"):

@@ -123,7 +123,8 @@ class Trainer:
             self.logger.update({"parallel": self.config["parallel"]},
                                run_name(self.cfg, f"auto({choice})" if choice else None))
         if choice is not None and choice != self.choice:
-            self.info(f"parallel=auto chose {choice}" + (f" (was {self.choice})" if self.choice else ""))
+            self.info(f"parallel=auto chose {choice} (predicted {cp.predicted_s:.4g} s fwd+bwd)"
+                      + (f"; was {self.choice}" if self.choice else ""))
             self.choice = choice
 
     def micro_step(self, seq, last: bool) -> tuple[torch.Tensor, dict]:

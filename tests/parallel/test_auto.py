@@ -105,7 +105,7 @@ def test_decision_is_cached_per_shape_and_document_histogram(caplog, monkeypatch
     real = auto.predicted_time
     monkeypatch.setattr(auto, "predicted_time", lambda *a: searched.append(a[0]) or real(*a))
     opts = dict(num_heads=4, num_kv_heads=2, head_dim=8, candidates=["ring", "allgather"])
-    with caplog.at_level("INFO", logger="parallel.auto"):
+    with caplog.at_level("DEBUG", logger="parallel.auto"):
         for lens in ([20, 12, 32], [24, 8, 32], [20, 12, 32]):  # same log2 buckets: one search
             Auto(MaskSpec.from_doc_lens(lens, causal=True), 64, **opts)
         first = len(searched)
