@@ -34,7 +34,7 @@ class DataConfig:
     source: str = "stdlib"              # stdlib | synthetic | tokens
     seqlen: int = 256
     path: str | None = None             # stdlib: root folder (None: this Python's); tokens: prepared folder
-    doclens: str | None = None          # synthetic: JSON list of document lengths
+    doclens: str | None = None          # synthetic: JSON list of document lengths (null: $LONGCTX_DOCLENS, else the packaged ProLong mix)
     doclens_context: int = 65536        # synthetic: lengths are scaled by seqlen / doclens_context
     vocab_size: int = 257               # synthetic: token ids drawn from [0, vocab_size)
     num_docs: int = 100000              # synthetic: documents per epoch

@@ -10,17 +10,15 @@ import sys
 
 import torch
 
+from parallel.cad.tasks import doc_pairs
+
 # dense bf16 peak TFLOP/s per device, matched against torch.cuda.get_device_name()
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 
 
 def attention_pairs(doc_lens: list[int], seqlen: int, mask: str, window: int | None) -> int:
     """Allowed (query, key) pairs of one packed sequence under train.mask (train/validate.py's kinds)."""
-    lens = doc_lens if "document" in mask else [seqlen]
-    if "window" in mask:
-        w = int(window)
-        return sum(n * (n + 1) // 2 if n <= w else w * (w + 1) // 2 + (n - w) * w for n in lens)
-    return sum(n * (n + 1) // 2 for n in lens)
+    return doc_pairs(doc_lens if "document" in mask else [seqlen], window=int(window) if "window" in mask else None)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:

@@ -1,6 +1,6 @@
 """The engine contract and its plain-torch implementation.
 
-Gradient rule under context parallelism (interfaces.md): each CP rank's loss is its local
+Gradient rule under context parallelism (the loss invariant of train/loop.py): each CP rank's loss is its local
 tokens' cross-entropy sum over the whole sequence's token count, so the true gradient of
 a DP rank is the SUM over its CP ranks, and the step uses the MEAN over DP ranks.
 `loss_scale` is what a subclass multiplies the loss by to get that from its reducer
