@@ -107,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--long", type=int, default=32768, help="documents at least this long are upsampled")
     ap.add_argument("--upsample", type=float, default=20.0)
     ap.add_argument("--window", type=int, default=None, help="also sliding window of this size")
-    ap.add_argument("--epsilon", type=float, default=0.05)
+    ap.add_argument("--epsilon", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--q-bytes", type=int, default=32 * 128 * 2, help="bytes of one token's Q (Hq=32, D=128, bf16)")
     ap.add_argument("--kv-bytes", type=int, default=2 * 8 * 128 * 2, help="bytes of one token's K+V (Hkv=8)")
