@@ -8,4 +8,5 @@ documents, causal, window, prefix-LM, sinks and S2 per-head sparsity (`HeadStrid
 from .api import BACKENDS, attention, available_backends, backward, forward, merge, resolve_backend
 from .mask import HeadStride, MaskSpec
 
-__all__ = ["BACKENDS", "HeadStride", "MaskSpec", "attention", "available_backends", "backward", "forward", "merge", "resolve_backend"]
+__all__ = ["BACKENDS", "HeadStride", "MaskSpec", "attention", "available_backends", "backward", "forward", "merge",
+           "resolve_backend"]

@@ -80,6 +80,12 @@ def run(backend, q, k, v, mask, q_pos=None, k_pos=None):
     return out.detach(), lse.detach(), dq, dk, dv
 
 
+def truth(q, k, v, mask, q_pos=None, k_pos=None):
+    """Reference in float64 on the same values."""
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    return run("reference", q64, k64, v64, mask, q_pos, k_pos)
+
+
 def assert_close(actual, expected, tol, what=""):
     """max |actual - expected| <= tol * max(1, max |expected|), with -inf matching -inf."""
     a, e = actual.detach().double(), expected.detach().double()

@@ -5,16 +5,10 @@ import pytest
 import torch
 
 import kernels
-from tests.kernels.cases import HEADS, T, assert_all_close, assert_close, loss_of, masks, qkv, run, weights
+from tests.kernels.cases import HEADS, T, assert_all_close, assert_close, loss_of, masks, qkv, run, truth, weights
 
 BACKENDS = [b for b in ("cpu", "triton") if b in kernels.available_backends("cpu")]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
-
-
-def truth(q, k, v, mask, q_pos=None, k_pos=None):
-    """Reference in float64 on the same values."""
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    return run("reference", q64, k64, v64, mask, q_pos, k_pos)
 
 
 def test_cpu_and_triton_are_available_on_cpu():

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 import kernels
 from kernels import HeadStride, MaskSpec, blocks, cpu, flash, triton_attn
 from tests.kernels.cases import (DOC_LENS, N_RANDOM, T, assert_all_close, assert_close, loss_of, qkv, random_masks, run,
-                                 weights)
+                                 truth, weights)
 
 BACKENDS = {"cpu": (torch.float64, 1e-10), "triton": (torch.float32, 1e-5)}
 HEADS = {"MHA": (4, 4), "GQA": (4, 2), "MQA": (3, 1)}
@@ -28,12 +28,6 @@ def masks_1b(hkv: int) -> dict[str, MaskSpec]:
         "s2+documents+prefix+sink": MaskSpec.from_doc_lens(DOC_LENS, window=10, prefix=3, sink=1,
                                                             heads=HeadStride(2, 1, 2, dense_heads=1)),
     }
-
-
-def truth(q, k, v, mask, q_pos=None, k_pos=None, kv_heads=None):
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    out, lse = kernels.attention(q64, k64, v64, mask, q_pos=q_pos, k_pos=k_pos, kv_heads=kv_heads, backend="reference")
-    return (out.detach(), lse.detach(), *torch.autograd.grad(loss_of(out, lse), (q64, k64, v64)))
 
 
 def run_heads(backend, q, k, v, mask, q_pos=None, k_pos=None, kv_heads=None):
