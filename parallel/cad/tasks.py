@@ -37,6 +37,12 @@ class MaskKind:
 
     @classmethod
     def of(cls, mask) -> "MaskKind":
+        """The kind of a kernels.MaskSpec; prefix, sink and per-head (S2) masks are refused:
+        CAD's tasks and pair counts know only causal and window keys."""
+        unsupported = [name for name in ("prefix", "sink", "heads") if getattr(mask, name, None) is not None]
+        if unsupported:
+            raise ValueError(f"strategy 'cad' does not support masks with {', '.join(unsupported)} yet; "
+                             "use ring, allgather, ulysses or usp for them")
         return cls(causal=bool(mask.is_causal), window=mask.window)
 
 

@@ -124,3 +124,10 @@ def test_planning_leaves_the_garbage_collector_as_it_found_it(enabled):
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize("extra", [{"prefix": 3}, {"sink": 2}])
+def test_masks_cad_cannot_express_are_refused(extra):
+    mask = MaskSpec.from_doc_lens([8, 8], causal=True, **extra)
+    with pytest.raises(ValueError, match=f"'cad' does not support masks with {next(iter(extra))}"):
+        plan([8, 8], 8, mask)
