@@ -4,7 +4,10 @@ Every `python -m train`, `torchrun ... -m train` and `scripts/train_local.sh` li
 README is read from the README itself and run shortened: tiny shapes and 2 steps appended
 as overrides, at most 2 ranks (a 4-rank example runs on 2, its degrees still valid there).
 Each runs in its own empty folder with PYTHONPATH at the clone, and must exit 0 and leave
-exactly ONE run folder holding .hydra/ and a train.log with the summary line.
+exactly ONE run folder holding .hydra/ and a train.log with the summary line. What a command
+reads is made first in that folder: `data.path=` gets a prepared token folder, `model.path=`
+a tiny Hugging Face checkpoint, `$NUMPY_DIR` the numpy sources; the command's own values of
+the shortened settings give way to the short ones, and evaluation is off (`eval.every=0`).
 Not run here: sbatch (tests/train/test_slurm.py, on a Slurm cluster), the submitit sweeps
 (`-m`), and commands with settings that only a GPU has.
 """
@@ -19,7 +22,7 @@ import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SHORT = ["train.steps=2", "data.seqlen=128", "model.dim=32", "model.n_layers=1", "train.progress=false",
-         "logger=disabled"]
+         "logger=disabled", "eval.every=0"]
 TRAINING = re.compile(r"^(python -m train|torchrun .*-m train|scripts/train_local\.sh) ?(.*)$")
 
 
@@ -41,7 +44,8 @@ def readme_commands() -> list[str]:
 
 def argv_for(command: str) -> list[str]:
     """The shortened command: 2 ranks at most, torchrun as `python -m torch.distributed.run`."""
-    args = shlex.split(command)
+    short_keys = {s.split("=")[0] for s in SHORT} | {"eval.passkey_lengths"}
+    args = [a for a in shlex.split(command) if a.split("=")[0] not in short_keys]
     if args[0] == "torchrun":
         args = [sys.executable, "-m", "torch.distributed.run", *args[1:]]
         i = args.index("--nproc_per_node") + 1
@@ -61,27 +65,46 @@ def test_the_readme_lists_the_commands_this_test_expects():
     assert any(c.startswith("scripts/train_local.sh") for c in commands)
 
 
-def prepare_my_texts(folder, env):
-    """The README's own-data example needs my_texts/ and data/my_tokens."""
-    (folder / "my_texts").mkdir()
-    for i in range(4):
-        (folder / "my_texts" / f"{i}.txt").write_text(f"text {i} " + "lorem ipsum " * 40)
-    subprocess.run([sys.executable, "-m", "scripts.prepare_data", "my_texts/", "data/my_tokens"], cwd=folder,
-                   env=env, check=True, capture_output=True, timeout=120)
+def setting(command: str, key: str) -> str | None:
+    found = re.search(rf"(?:^| ){re.escape(key)}=(\S+)", command)
+    return found.group(1) if found else None
+
+
+def prepare_inputs(command: str, folder, env) -> None:
+    """Make what the command reads: a token folder for data.path, a tiny HF checkpoint for model.path."""
+    tokens = setting(command, "data.path")
+    if tokens:
+        (folder / "my_texts").mkdir(exist_ok=True)
+        for i in range(4):
+            (folder / "my_texts" / f"{i}.txt").write_text(f"text {i} " + "lorem ipsum " * 40)
+        subprocess.run([sys.executable, "-m", "scripts.prepare_data", "my_texts/", tokens], cwd=folder,
+                       env=env, check=True, capture_output=True, timeout=120)
+    checkpoint = setting(command, "model.path")
+    if checkpoint:
+        import torch
+
+        from models.hf import save_pretrained
+        from models.llama import Llama, LlamaConfig
+
+        torch.manual_seed(0)
+        model = Llama(LlamaConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, n_kv_heads=2))
+        save_pretrained(model, folder / checkpoint.lstrip("/"))
 
 
 @pytest.mark.parametrize("command", readme_commands() + PROSE)
 def test_readme_command_trains_in_one_run_folder(command, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "LONGCTX_RUN_DIR", "RANK", "WORLD_SIZE"))}
+    env.pop("LONGCTX_DOCLENS", None)  # the packaged document lengths, as in a user's clone
     env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHON=sys.executable)
-    if ("data=synthetic" in command or "experiment=" in command) and "LONGCTX_DOCLENS" not in env:
-        pytest.skip("needs LONGCTX_DOCLENS until the default document lengths ship in the package (issue 17 item 2)")
-    if "data=tokens" in command:
-        prepare_my_texts(tmp_path, env)
+    command = command.replace("$NUMPY_DIR", os.path.dirname(__import__("numpy").__file__))
+    prepare_inputs(command, tmp_path, env)
+    checkpoint = setting(command, "model.path")
+    if checkpoint and checkpoint.startswith("/"):  # an absolute example path: the tiny checkpoint made here
+        command = command.replace(f"model.path={checkpoint}", f"model.path={tmp_path / checkpoint.lstrip('/')}")
     proc = subprocess.run(argv_for(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    folders = [os.path.dirname(p) for p in glob.glob(str(tmp_path / "runs" / "*" / "*" / "train.log"))]
+    folders = [os.path.dirname(p) for p in glob.glob(str(tmp_path / "**" / "train.log"), recursive=True)]
     assert len(folders) == 1, (folders, out[-2000:])
     assert os.path.isdir(os.path.join(folders[0], ".hydra"))
     log = open(os.path.join(folders[0], "train.log")).read()
