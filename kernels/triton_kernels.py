@@ -56,6 +56,16 @@ def _allowed(offs_m, offs_n, head, q_cols, k_cols, Tq, Tk,
 
 
 @triton.jit
+def _kv_block(K, V, kb, kvh, skt, skh, Tk, offs_d, in_d, BLOCK_N: tl.constexpr):
+    """Key block kb of K/V head kvh: its key rows and K, V [BLOCK_N, BLOCK_D] (0 past Tk / D)."""
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n < Tk)[:, None] & in_d[None, :]
+    k = tl.load(K + offs_n[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
+    return offs_n, k, v
+
+
+@triton.jit
 def fwd_kernel(Q, K, V, O, LSE, q_cols, k_cols, kv_heads, row_ptr, row_idx,
                Tq, Tk, G, nqb, scale,
                sqt, sqh, skt, skh, sot, soh,
@@ -80,10 +90,7 @@ def fwd_kernel(Q, K, V, O, LSE, q_cols, k_cols, kv_heads, row_ptr, row_idx,
     last = tl.load(row_ptr + table * nqb + qb + 1)
     for i in range(first, last):
         kb = tl.load(row_idx + i)
-        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < Tk)[:, None] & in_d[None, :]
-        k = tl.load(K + offs_n[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
+        offs_n, k, v = _kv_block(K, V, kb, kvh, skt, skh, Tk, offs_d, in_d, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
         ok = _allowed(offs_m, offs_n, head, q_cols, k_cols, Tq, Tk, CAUSAL, WINDOW, HAS_DOCS, PREFIX, SINK,
                       HEADS, S2_BLOCK, S2_LOCAL, S2_STRIDE, S2_DENSE)
@@ -133,12 +140,10 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, q_cols, k_cols, kv_heads, col_p
     kvh = tl.program_id(1)
     head = tl.load(kv_heads + kvh)
     table = kvh * PER_HEAD
-    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < D
+    offs_n, k, v = _kv_block(K, V, kb, kvh, skt, skh, Tk, offs_d, in_d, BLOCK_N)
     kv_mask = (offs_n < Tk)[:, None] & in_d[None, :]
-    k = tl.load(K + offs_n[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + offs_n[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     first = tl.load(col_ptr + table * nkb + kb)
@@ -191,10 +196,7 @@ def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, q_cols, k_cols, kv_heads, row_ptr, ro
     last = tl.load(row_ptr + table * nqb + qb + 1)
     for i in range(first, last):
         kb = tl.load(row_idx + i)
-        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < Tk)[:, None] & in_d[None, :]
-        k = tl.load(K + offs_n[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
+        offs_n, k, v = _kv_block(K, V, kb, kvh, skt, skh, Tk, offs_d, in_d, BLOCK_N)
         _, ds = _probs_grad(q, k, v, do, lse, delta, offs_m, offs_n, head, q_cols, k_cols, Tq, Tk, scale,
                             CAUSAL, WINDOW, HAS_DOCS, PREFIX, SINK, HEADS, S2_BLOCK, S2_LOCAL, S2_STRIDE,
                             S2_DENSE, PREC)
