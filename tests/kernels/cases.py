@@ -80,6 +80,19 @@ def run(backend, q, k, v, mask, q_pos=None, k_pos=None):
     return out.detach(), lse.detach(), dq, dk, dv
 
 
+def assert_slice_matches_full_rows(backend, mask, qi, order, tol, dtype=torch.float32, what=""):
+    """Queries at positions qi against every key in the order `order` give exactly those rows
+    of the full-sequence result, gradients included (loss weights only on those rows)."""
+    q, k, v = qkv(T, T, 4, 2, dtype=dtype)
+    sub_q = q.detach()[qi].requires_grad_()
+    k_all, v_all = (x.detach()[order].requires_grad_() for x in (k, v))
+    got = run(backend, sub_q, k_all, v_all, mask, q_pos=qi, k_pos=order)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out, lse = kernels.attention(q64, k64, v64, mask, backend="reference")
+    g = torch.autograd.grad(loss_of(out[qi], lse[:, qi]), (q64, k64, v64))
+    assert_all_close(got, (out[qi], lse[:, qi], g[0][qi], g[1][order], g[2][order]), tol, what)
+
+
 def truth(q, k, v, mask, q_pos=None, k_pos=None):
     """Reference in float64 on the same values."""
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))

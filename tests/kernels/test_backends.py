@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kernels
-from tests.kernels.cases import HEADS, T, assert_all_close, assert_close, loss_of, masks, qkv, run, truth, weights
+from tests.kernels.cases import HEADS, assert_slice_matches_full_rows, T, assert_all_close, assert_close, loss_of, masks, qkv, run, truth, weights
 
 BACKENDS = [b for b in ("cpu", "triton") if b in kernels.available_backends("cpu")]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
@@ -55,16 +55,7 @@ def test_position_slices_reproduce_full_rows(backend, layout):
     full-sequence result, gradients included (loss weights only on those rows)."""
     mask = masks()["causal+document+window" if backend == "triton" else "document+window"]
     qi, order = _layouts()[layout]
-    q, k, v = qkv(T, T, 4, 2)
-    sub_q = q.detach()[qi].requires_grad_()
-    k_all, v_all = (x.detach()[order].requires_grad_() for x in (k, v))
-    got = run(backend, sub_q, k_all, v_all, mask, q_pos=qi, k_pos=order)
-
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    full_out, full_lse = kernels.attention(q64, k64, v64, mask, backend="reference")
-    g = torch.autograd.grad(loss_of(full_out[qi], full_lse[:, qi]), (q64, k64, v64))
-    expected = (full_out[qi], full_lse[:, qi], g[0][qi], g[1][order], g[2][order])
-    assert_all_close(got, expected, TOL[torch.float32], f"{backend} {layout}")
+    assert_slice_matches_full_rows(backend, mask, qi, order, TOL[torch.float32], what=f"{backend} {layout}")
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)

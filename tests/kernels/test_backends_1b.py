@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import kernels
 from kernels import HeadStride, MaskSpec, blocks, cpu, flash, triton_attn
-from tests.kernels.cases import (DOC_LENS, N_RANDOM, T, assert_all_close, assert_close, loss_of, qkv, random_masks, run,
+from tests.kernels.cases import (DOC_LENS, assert_slice_matches_full_rows, N_RANDOM, T, assert_all_close, assert_close, loss_of, qkv, random_masks, run,
                                  truth, weights)
 
 BACKENDS = {"cpu": (torch.float64, 1e-10), "triton": (torch.float32, 1e-5)}
@@ -77,14 +77,7 @@ def test_position_slices_reproduce_full_rows(backend, layout):
     qi, order = {"ring block": (ar[20:30], torch.cat([ar[20:], ar[:20]])),
                  "zigzag": (torch.cat([ar[:10], ar[30:]]), torch.cat([ar[30:], ar[:30]])),
                  "stripe": (ar[1::3], torch.cat([ar[::2], ar[1::2]]))}[layout]
-    q, k, v = qkv(T, T, 4, 2, dtype=dtype)
-    sub_q = q.detach()[qi].requires_grad_()
-    k_all, v_all = (x.detach()[order].requires_grad_() for x in (k, v))
-    got = run(backend, sub_q, k_all, v_all, mask, q_pos=qi, k_pos=order)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    out, lse = kernels.attention(q64, k64, v64, mask, backend="reference")
-    g = torch.autograd.grad(loss_of(out[qi], lse[:, qi]), (q64, k64, v64))
-    assert_all_close(got, (out[qi], lse[:, qi], g[0][qi], g[1][order], g[2][order]), tol, f"{backend} {layout}")
+    assert_slice_matches_full_rows(backend, mask, qi, order, tol, dtype=dtype, what=f"{backend} {layout}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
