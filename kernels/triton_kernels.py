@@ -127,6 +127,19 @@ def _probs_grad(q, k, v, do, lse, delta, offs_m, offs_n, head, q_cols, k_cols, T
 
 
 @triton.jit
+def _q_block(Q, DO, LSE, DELTA, qb, h, sqt, sqh, Tq, offs_d, in_d, BLOCK_M: tl.constexpr):
+    """Query block qb of head h for the backward: its rows, Q, dO, lse and delta (rowsum dO*O)."""
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_m = offs_m < Tq
+    q_mask = in_m[:, None] & in_d[None, :]
+    q = tl.load(Q + offs_m[:, None] * sqt + h * sqh + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * sqt + h * sqh + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + h * Tq + offs_m, mask=in_m, other=float("inf"))
+    delta = tl.load(DELTA + h * Tq + offs_m, mask=in_m, other=0.0)
+    return offs_m, q, do, lse, delta
+
+
+@triton.jit
 def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, q_cols, k_cols, kv_heads, col_ptr, col_idx,
                 Tq, Tk, G, nkb, scale,
                 sqt, sqh, skt, skh, sdkt, sdkh,
@@ -152,13 +165,7 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, q_cols, k_cols, kv_heads, col_p
         h = kvh * G + g
         for i in range(first, last):
             qb = tl.load(col_idx + i)
-            offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-            in_m = offs_m < Tq
-            q_mask = in_m[:, None] & in_d[None, :]
-            q = tl.load(Q + offs_m[:, None] * sqt + h * sqh + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DO + offs_m[:, None] * sqt + h * sqh + offs_d[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(LSE + h * Tq + offs_m, mask=in_m, other=float("inf"))
-            delta = tl.load(DELTA + h * Tq + offs_m, mask=in_m, other=0.0)
+            offs_m, q, do, lse, delta = _q_block(Q, DO, LSE, DELTA, qb, h, sqt, sqh, Tq, offs_d, in_d, BLOCK_M)
             p, ds = _probs_grad(q, k, v, do, lse, delta, offs_m, offs_n, head, q_cols, k_cols, Tq, Tk, scale,
                                 CAUSAL, WINDOW, HAS_DOCS, PREFIX, SINK, HEADS, S2_BLOCK, S2_LOCAL, S2_STRIDE,
                                 S2_DENSE, PREC)
@@ -182,15 +189,10 @@ def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, q_cols, k_cols, kv_heads, row_ptr, ro
     kvh = h // G
     head = tl.load(kv_heads + kvh)
     table = kvh * PER_HEAD
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < D
-    in_m = offs_m < Tq
-    q_mask = in_m[:, None] & in_d[None, :]
-    q = tl.load(Q + offs_m[:, None] * sqt + h * sqh + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * sqt + h * sqh + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + h * Tq + offs_m, mask=in_m, other=float("inf"))
-    delta = tl.load(DELTA + h * Tq + offs_m, mask=in_m, other=0.0)
+    offs_m, q, do, lse, delta = _q_block(Q, DO, LSE, DELTA, qb, h, sqt, sqh, Tq, offs_d, in_d, BLOCK_M)
+    q_mask = (offs_m < Tq)[:, None] & in_d[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     first = tl.load(row_ptr + table * nqb + qb)
     last = tl.load(row_ptr + table * nqb + qb + 1)
