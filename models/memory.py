@@ -70,7 +70,9 @@ class MemoryOptions:
 
     def saving(self):
         """The context the model's forward pass runs in: offload kept tensors, or nothing."""
-        return torch.autograd.graph.save_on_cpu(pin_memory=True) if self.activation_offload else contextlib.nullcontext()
+        if self.activation_offload:
+            return torch.autograd.graph.save_on_cpu(pin_memory=True)
+        return contextlib.nullcontext()
 
     def block(self, layer, x, positions, attn):
         """One transformer block under the checkpoint mode (layer(x, positions, attn, self))."""
@@ -157,7 +159,8 @@ def predict_peak_bytes(cfg, tokens: int, options: MemoryOptions = MemoryOptions(
     mlp_rows = min(options.mlp_chunk or t, t)
     loss_rows = min(options.loss_chunk or t, t)
     block = block_saved_values(cfg, t, mlp_rows)
-    kept = {"none": block, "selective": (3 * d + 2 * kv + cfg.n_heads) * t, "full": d * t}[options.activation_checkpoint]
+    selective = (3 * d + 2 * kv + cfg.n_heads) * t        # input, q_rot, out, k_rot, v, lse
+    kept = {"none": block, "selective": selective, "full": d * t}[options.activation_checkpoint]
     recomputed = block - kept
     backward_transient = 3 * d * t + 3 * f * mlp_rows
     loss = 2 * d * t + (4 if options.loss_chunk else 3) * v * loss_rows

@@ -165,17 +165,18 @@ def report(records: list[dict], budget_gb: float, out: str) -> str:
             pred = predicted_mb(p)
             per_token = f"{slope:.4f}" if slope else ""
             line = f"{int((budget_gb * 1024 - icpt) / slope):,}" if slope else ""
-            lines.append(f"| {name} | {p['seqlen']:,} | {p['peak_mb']:.0f} | {pred:.0f} | "
-                         f"{(pred - p['peak_mb']) / p['peak_mb']:+.1%} | {p['step_s']:.1f} | {per_token} | {line} | {longest} |")
+            error = (pred - p["peak_mb"]) / p["peak_mb"]
+            lines.append(f"| {name} | {p['seqlen']:,} | {p['peak_mb']:.0f} | {pred:.0f} | {error:+.1%} | "
+                         f"{p['step_s']:.1f} | {per_token} | {line} | {longest} |")
     for r in records:
         if "error" in r:
             lines.append(f"| {r['setting']} | {r['seqlen']:,} | failed: {' '.join(r['error'])} | | | | | | |")
     for r in records:
         if "ratio_to_none" in r:
             lines.append("")
-            lines.append(f"Step CPU time (forward+backward) at {r['timing_seqlen']:,} tokens, median of {r['rounds']} "
-                         f"interleaved rounds: " + ", ".join(f"{m} {r['median_s'][m]:.1f} s ({r['ratio_to_none'][m]:.2f}x)"
-                                                            for m in MODES))
+            modes = ", ".join(f"{m} {r['median_s'][m]:.1f} s ({r['ratio_to_none'][m]:.2f}x)" for m in MODES)
+            lines.append(f"Step CPU time (forward+backward) at {r['timing_seqlen']:,} tokens, median of "
+                         f"{r['rounds']} interleaved rounds: {modes}")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)

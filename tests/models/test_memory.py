@@ -185,7 +185,8 @@ def cp_each_rank(rank, world):
         model(*args, labels=cp.shard(labels))
         forward_bytes = counted[0]
         for mode in ("none", "selective", "full"):
-            model.memory = MemoryOptions(mode, loss_chunk=7 if mode == "full" else 0, mlp_chunk=9 if mode == "full" else 0)
+            chunk = mode == "full"
+            model.memory = MemoryOptions(mode, loss_chunk=7 * chunk, mlp_chunk=9 * chunk)
             model.zero_grad()
             counted[0] = 0
             loss = model(*args, labels=cp.shard(labels))
@@ -227,6 +228,9 @@ def test_block_saved_values_count_what_autograd_keeps():
             storages[saved.untyped_storage().data_ptr()] = saved.untyped_storage().nbytes()
         return saved
 
+    def attn(q, k, v):
+        return kernels.attention(q, k, v, mask, q_pos=pos, k_pos=pos, backend="cpu")[0]
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
-        model.layers[0](x, pos, lambda q, k, v: kernels.attention(q, k, v, mask, q_pos=pos, k_pos=pos, backend="cpu")[0])
+        model.layers[0](x, pos, attn)
     assert sum(storages.values()) == 4 * block_saved_values(cfg, t)
