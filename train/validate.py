@@ -55,7 +55,7 @@ def uses_documents(mask: str) -> bool:
 
 def validate_optim(o) -> None:
     checks = [
-        ("lr", o.lr, o.lr > 0, "a positive learning rate, e.g. optim.lr=3e-3"),
+        ("lr", o.lr, o.lr >= 0, "a learning rate >= 0 (0 leaves the weights as they are), e.g. optim.lr=3e-3"),
         ("min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
         ("warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
         ("weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),

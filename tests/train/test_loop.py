@@ -61,7 +61,7 @@ def test_warmup_then_cosine():
     (["train.mask=window"], 1, "train.window"),
     (["train.mask=document+window"], 1, "train.window"),
     (["train.window=8"], 1, "train.window is only for those"),
-    (["optim.lr=-1"], 1, r"optim.lr=-1.0 must be a positive learning rate"),
+    (["optim.lr=-1"], 1, r"optim.lr=-1.0 must be a learning rate >= 0"),
     (["optim.betas=[0.9,1.5]"], 1, r"optim.betas=\[0.9, 1.5\] must be two numbers in \[0, 1\)"),
     (["optim.warmup_steps=-2"], 1, "optim.warmup_steps=-2 must be >= 0"),
     (["train.mask=sliding"], 1, "train.mask"),
