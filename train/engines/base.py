@@ -55,15 +55,26 @@ class Engine:
     def save(self, path: str, client_state: dict) -> None:
         """Model and optimizer through torch.distributed.checkpoint (sharded-ready); the
         scheduler and client state (step, data position, rng) as one file from rank 0."""
-        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
+        self.save_client_state(path, client_state)
+
+    def save_client_state(self, path: str, client_state: dict) -> None:
+        """The scheduler and the client state (step, data position) as one file, from rank 0."""
+        import torch.distributed as dist
+
         if not dist.is_initialized() or dist.get_rank() == 0:
             torch.save({"scheduler": self.scheduler.state_dict(), "client": client_state},
                        os.path.join(path, "client_state.pt"))
+
+    def load_client_state(self, path: str) -> dict:
+        """Restore the scheduler from save_client_state's file; returns the client state."""
+        extra = torch.load(os.path.join(path, "client_state.pt"), weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        return extra["client"]
 
     def load(self, path: str) -> dict:
         import torch.distributed.checkpoint as dcp
@@ -73,6 +84,4 @@ class Engine:
         state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        extra = torch.load(os.path.join(path, "client_state.pt"), weights_only=False)
-        self.scheduler.load_state_dict(extra["scheduler"])
-        return extra["client"]
+        return self.load_client_state(path)

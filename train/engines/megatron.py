@@ -12,8 +12,6 @@ its name plus `@tp<rank>`, so DCP keeps every shard once while deduplicating rep
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
@@ -114,9 +112,7 @@ class MegatronEngine(Engine):
 
         state, _ = self._dcp_state()
         dcp.save(state, checkpoint_id=path)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            torch.save({"scheduler": self.scheduler.state_dict(), "client": client_state},
-                       os.path.join(path, "client_state.pt"))
+        self.save_client_state(path, client_state)
 
     def load(self, path: str) -> dict:
         import torch.distributed.checkpoint as dcp
@@ -128,6 +124,4 @@ class MegatronEngine(Engine):
         optim_sd = {"state": {back.get(k, k): v for k, v in state["optimizer"]["state"].items()},
                     "param_groups": state["optimizer"]["param_groups"]}
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-        extra = torch.load(os.path.join(path, "client_state.pt"), weights_only=False)
-        self.scheduler.load_state_dict(extra["scheduler"])
-        return extra["client"]
+        return self.load_client_state(path)
