@@ -18,23 +18,26 @@ from train.config import register
 from train.main import CONF_DIR
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def app(cfg) -> None:
+def evaluate_and_print(cfg) -> None:
     import torch.distributed
-    from omegaconf import OmegaConf
 
-    from train import dist
     from train.evaluate import evaluate_run
 
-    cfg = OmegaConf.to_object(cfg)
-    joined = dist.init_from_config(cfg)
-    try:
-        metrics = evaluate_run(cfg)
-        if not joined or torch.distributed.get_rank() == 0:
-            print(json.dumps(metrics, indent=1), flush=True)
-    finally:
-        if joined:
-            dist.shutdown()
+    metrics = evaluate_run(cfg)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(json.dumps(metrics, indent=1), flush=True)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def app(cfg) -> None:
+    """Joined and left like a training run (train.dist.run_joined): a failing rank leaves at once
+    and its error is the root cause torchrun prints last."""
+    from omegaconf import OmegaConf
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from train import dist
+
+    record(dist.run_joined)(evaluate_and_print, OmegaConf.to_object(cfg))
 
 
 def main() -> None:
