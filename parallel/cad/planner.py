@@ -75,7 +75,7 @@ def check_inputs(doc_lens, tokens_per_rank: int, epsilon: float) -> list[int]:
 
 
 def doc_prefixes(mask, lens: list[int]) -> list[int]:
-    """Prefix length of every document (zeros without a prefix-LM mask)."""
+    """Prefix length of every document (zeros without a prefix-LM mask or for a MaskKind)."""
     prefix = getattr(mask, "prefix", None)
     if prefix is None:
         return [0] * len(lens)

@@ -17,9 +17,10 @@ Options: epsilon (balance tolerance), backend (kernel backend; also picks the ca
 overhead), pingpong, task_overhead_pairs (override the calibration), scale, num_kv_heads
 (required with S2 heads; k/v must then have that many heads).
 stats: pairs = pairs each rank computes as a server (with S2 heads: its KV heads' pairs
-averaged over the heads, i.e. in units of all heads as CPStats counts); bytes_sent / bytes_recv = forward traffic
-(Q, K/V to servers, outputs back); backward moves the same bytes the other way.  extra holds
-pairs before/after planning, planner time and the forward/ping-pong timing breakdown.
+averaged over the heads, in units of all heads as CPStats counts); bytes_sent / bytes_recv =
+forward traffic (Q, K/V to servers, outputs back; a K/V row travels with all its heads);
+backward moves the same bytes the other way.  extra holds pairs before/after planning,
+planner time and the forward/ping-pong timing breakdown.
 """
 from __future__ import annotations
 
@@ -162,12 +163,8 @@ class CAD(base.ContextParallel):
 
     @classmethod
     def shape_options(cls, num_heads, num_kv_heads, head_dim):
-        """The planner counts S2 pairs per KV head."""
+        """The planner counts S2 pairs per KV head (the option is read only with S2 heads)."""
         return {"num_kv_heads": num_kv_heads}
-
-    @classmethod
-    def auto_candidates(cls, world, mask, lay, balancer=None):
-        return [(None, {"num_kv_heads": lay.hkv} if mask.heads is not None else {})]
 
     @classmethod
     def cost_time(cls, pairs, lay, hw, *, epsilon: float = 0.0, **_):
