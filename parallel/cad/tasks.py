@@ -17,8 +17,8 @@ offset i holds
 and the sums over i in [a, b) are arithmetic series.  With a prefix, sinks or heads a row's
 keys are the interval [0, e) (the prefix for a query inside it, else the sinks up to the
 query) plus the row's causal / window keys past e that its head's S2 pattern keeps (the
-local band, then whole strided blocks, counted per head in O(1)); those row counts, summed
-over the KV heads, are tabulated once per (document length, prefix) as a running sum.
+local band, then the strided blocks, whose count summed over the heads is O(1) per row);
+those row counts are tabulated once per (document length, prefix) as a running sum.
 """
 from __future__ import annotations
 
@@ -86,11 +86,18 @@ def _series(a: int, b: int) -> int:
     return (b - a) * (a + b + 1) // 2
 
 
-def _strided_below(n: torch.Tensor, hs: HeadStride, heads: torch.Tensor) -> torch.Tensor:
-    """Keys j in [0, n) of the blocks head h sees by stride ((j // block + h) % vert_stride == 0)."""
-    blocks, residue = torch.div(n, hs.block, rounding_mode="floor"), (-heads) % hs.vert_stride
-    whole = torch.div(blocks + hs.vert_stride - 1 - residue, hs.vert_stride, rounding_mode="floor")
-    return hs.block * whole + torch.where(blocks % hs.vert_stride == residue, n - blocks * hs.block, 0)
+def _strided_below(n: torch.Tensor, hs: HeadStride, sparse_heads: range) -> torch.Tensor:
+    """Keys j in [0, n) of the blocks each sparse head h sees by stride ((j // block + h) %
+    vert_stride == 0), summed over the heads: a head of residue r = -h mod vert_stride sees
+    q + (m > r) whole blocks below block n // block = q * vert_stride + m, and the partial
+    block when m == r."""
+    residues = torch.tensor([(-h) % hs.vert_stride for h in sparse_heads], dtype=torch.long)
+    m_values = torch.arange(hs.vert_stride).view(-1, 1)
+    below = (residues.view(1, -1) < m_values).sum(1)  # per m: heads with r < m
+    equal = (residues.view(1, -1) == m_values).sum(1)  # per m: heads with r == m
+    blocks = torch.div(n, hs.block, rounding_mode="floor")
+    q, m = torch.div(blocks, hs.vert_stride, rounding_mode="floor"), blocks % hs.vert_stride
+    return hs.block * (len(sparse_heads) * q + below[m]) + (n - blocks * hs.block) * equal[m]
 
 
 def row_counts(doc_len: int, prefix: int, kind: MaskKind) -> torch.Tensor:
@@ -104,16 +111,16 @@ def row_counts(doc_len: int, prefix: int, kind: MaskKind) -> torch.Tensor:
     else:
         lo, hi = torch.zeros_like(i), torch.full_like(i, doc_len - 1)
     lo = torch.maximum(lo, bypass)  # the row's own keys [lo, hi] past the bypass interval
+    own = (hi - lo + 1).clamp_min(0)
     if kind.heads is None:
-        return bypass + (hi - lo + 1).clamp_min(0)
-    hs = kind.heads
-    heads = torch.arange(kind.num_kv_heads).view(-1, 1)
+        return bypass + own
+    hs, heads = kind.heads, kind.num_kv_heads
+    sparse = range(min(hs.dense_heads, heads), heads)
     band = ((torch.div(i, hs.block, rounding_mode="floor") - hs.local_blocks + 1) * hs.block).clamp_min(0)
-    near = (hi - torch.maximum(lo, band) + 1).clamp_min(0)
-    below = torch.minimum(hi + 1, band)  # strided keys in [lo, min(hi + 1, band))
-    strided = (_strided_below(below, hs, heads) - _strided_below(lo, hs, heads)).clamp_min(0)
-    per_head = torch.where(heads < hs.dense_heads, (hi - lo + 1).clamp_min(0), near + strided)
-    return kind.num_kv_heads * bypass + per_head.sum(0)
+    near = (hi - torch.maximum(lo, band) + 1).clamp_min(0)  # the local band, the same for every head
+    below = torch.maximum(torch.minimum(hi + 1, band), lo)  # strided keys in [lo, below)
+    strided = _strided_below(below, hs, sparse) - _strided_below(lo, hs, sparse)
+    return heads * bypass + (heads - len(sparse)) * own + len(sparse) * near + strided
 
 
 @lru_cache(maxsize=1024)
