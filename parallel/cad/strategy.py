@@ -167,6 +167,11 @@ class CAD(base.ContextParallel):
         return {"num_kv_heads": num_kv_heads}
 
     @classmethod
+    def auto_candidates(cls, world, mask, lay, balancer=None):
+        """One setting; with S2 heads it carries the KV heads the planner counts."""
+        return [(None, {"num_kv_heads": lay.hkv} if mask.heads is not None else {})]
+
+    @classmethod
     def cost_time(cls, pairs, lay, hw, *, epsilon: float = 0.0, **_):
         """Every server computes (total pairs / P) * (1 + epsilon); ping-pong hides the
         shipping of Q/K/V/out behind compute."""

@@ -51,7 +51,7 @@ def _matrix(rank, world, configs):
                 q, k, v, dout = inputs(T, hq, hkv, seed=len(names))
                 want = reference(q, k, v, dout, mask)
                 shaped = {**options, **parallel.load_entry(parallel.STRATEGIES, strategy, "strategy")
-                          .shape_options(hq, hkv, q.shape[2])}  # cad: num_kv_heads
+                          .shape_options(hq, hkv, q.shape[2])}  # cad: num_kv_heads; auto: head layout
                 for balancer in balancers:
                     for backend in ("reference", "cpu"):
                         cp = parallel.build(strategy, mask, T, balancer=balancer, backend=backend, **shaped)
@@ -71,9 +71,10 @@ def test_two_ranks_every_strategy_on_the_new_masks():
         ("ulysses", {}, ["per_doc"], ALL_MASKS),
         ("usp", {"ulysses_degree": 2}, ["headtail"], ["s2", "s2+documents+prefix+sink"]),
         ("cad", {"task_overhead_pairs": 0}, [None], ALL_MASKS),
+        ("auto", {"candidates": ["cad"]}, [None], ["s2"]),  # auto hands cad the KV heads S2 is counted over
     ]
     results = run_ranks(_matrix, 2, configs)
-    assert len(results[0]) == (2 * 4 + 4 + 4 + 2 + 4) * 2 * 2
+    assert len(results[0]) == (2 * 4 + 4 + 4 + 2 + 4 + 1) * 2 * 2
 
 
 def _four_ranks(rank, world):
