@@ -187,8 +187,8 @@ def test_new_masks_count_each_heads_pairs_and_move_only_needed_keys(batch, name,
         assert p.pairs_before[s] * per_head.shape[0] == int(per_head[:, own].sum())
         needed = per_head[:, q_pos].any(0).any(0).nonzero().flatten()
         assert iv.positions(p.kv_rows[s]).tolist() == needed.tolist()
-        foreign = lambda rows: int(((rows < own[0]) | (rows > own[-1])).sum())  # noqa: E731
-        assert p.bytes_in[s] == foreign(q_pos) * q_bytes + foreign(needed) * kv_bytes
+        foreign_q, foreign_kv = (int((rows // tpr != s).sum()) for rows in (q_pos, needed))
+        assert p.bytes_in[s] == foreign_q * q_bytes + foreign_kv * kv_bytes
     assert bool((seen == 1).all())
     assert sum(p.pairs_after) * per_head.shape[0] == int(per_head.sum())
 
