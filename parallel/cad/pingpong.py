@@ -12,13 +12,14 @@ The lse rows travel back with the outputs when asked for, and their gradient out
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
 from .dispatch import finish_back, gather_back, place, start
 from .planner import server_rows
 from .server import serve_backward, serve_forward
-from .tasks import Task, row_pairs, split_for_pairs
+from .tasks import split_for_pairs
 
 
 def _halve(tasks, kind):
@@ -33,10 +34,10 @@ def _halve(tasks, kind):
             first.append(t)
         else:
             a, b = t.q_lo - t.doc_start, t.q_hi - t.doc_start
-            m = split_for_pairs(a, b, t.doc_len, kind, int(total / 2 - acc), tail=False)
-            first.append(Task(t.doc, t.doc_start, t.doc_len, t.q_lo, t.doc_start + m, t.server))
-            second.append(Task(t.doc, t.doc_start, t.doc_len, t.doc_start + m, t.q_hi, t.server))
-            p = row_pairs(a, m, t.doc_len, kind)
+            m = split_for_pairs(a, b, t.doc_len, kind, int(total / 2 - acc), tail=False, prefix=t.prefix)
+            first.append(replace(t, q_hi=t.doc_start + m))
+            second.append(replace(t, q_lo=t.doc_start + m))
+            p = t.span_pairs(a, m, kind)
         acc += p
     return first, second
 

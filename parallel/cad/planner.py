@@ -1,6 +1,7 @@
 """The CAD planner: assign attention tasks to servers so attention cost is balanced.
 
-Pure function of (document lengths, tokens per rank, mask kind); no process group.
+Pure function of (document lengths, tokens per rank, mask kind); no process group.  Costs
+are pairs in KV-head units (`tasks.row_pairs`): with S2 heads each head's real pairs.
 
 Start: every rank serves its own queries (one task per rank x document overlap), which is
 `pairs_before`.  Then, until max/mean cost <= 1 + epsilon: take the most loaded server
@@ -19,15 +20,16 @@ import gc
 import hashlib
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import intervals as iv
-from .tasks import TASK_OVERHEAD_PAIRS, MaskKind, Task, row_pairs, split_for_pairs
+from .tasks import TASK_OVERHEAD_PAIRS, MaskKind, Task, split_for_pairs
 
 
 @dataclass
 class Plan:
-    """Task assignment plus its accounting; lists are indexed by rank (= server)."""
+    """Task assignment plus its accounting; lists are indexed by rank (= server).  Pairs and
+    costs are token pairs of all heads (with S2 heads: each KV head's pairs, averaged)."""
 
     doc_lens: list[int]
     tokens_per_rank: int
@@ -52,7 +54,7 @@ class Plan:
     def fingerprint(self) -> int:
         """63-bit hash of the assignment; equal on ranks that planned the same thing."""
         h = hashlib.sha256(repr((self.tokens_per_rank, self.kind,
-                                 [(t.q_lo, t.q_hi, t.server) for t in self.tasks])).encode())
+                                 [(t.q_lo, t.q_hi, t.server, t.prefix) for t in self.tasks])).encode())
         return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
@@ -72,14 +74,29 @@ def check_inputs(doc_lens, tokens_per_rank: int, epsilon: float) -> list[int]:
     return lens
 
 
-def initial_tasks(lens: list[int], tpr: int) -> list[Task]:
+def doc_prefixes(mask, lens: list[int]) -> list[int]:
+    """Prefix length of every document (zeros without a prefix-LM mask or for a MaskKind)."""
+    prefix = getattr(mask, "prefix", None)
+    if prefix is None:
+        return [0] * len(lens)
+    per_doc = [prefix] * len(lens) if isinstance(prefix, int) else [int(p) for p in prefix]
+    if len(per_doc) != len(lens):
+        raise ValueError(f"mask prefix lists {len(per_doc)} documents but doc_lens holds {len(lens)}; "
+                         "give one prefix per document")
+    long = [d for d, (p, n) in enumerate(zip(per_doc, lens)) if p > n]
+    if long:
+        raise ValueError(f"mask prefix is longer than documents {long[:5]}; a prefix must fit inside its document")
+    return per_doc
+
+
+def initial_tasks(lens: list[int], tpr: int, prefixes: list[int]) -> list[Task]:
     """One task per (document, owner rank) overlap, served by the owner."""
     tasks, start = [], 0
     for d, n in enumerate(lens):
         lo, end = start, start + n
         while lo < end:
             hi = min(end, (lo // tpr + 1) * tpr)
-            tasks.append(Task(d, start, n, lo, hi, lo // tpr))
+            tasks.append(Task(d, start, n, lo, hi, lo // tpr, prefixes[d]))
             lo = hi
         start = end
     return tasks
@@ -90,7 +107,7 @@ class _Balancer:
 
     def __init__(self, tasks, world, tpr, kind, overhead, q_bytes, kv_bytes):
         self.tasks, self.world, self.tpr, self.kind = tasks, world, tpr, kind
-        self.overhead, self.q_bytes, self.kv_bytes = overhead, q_bytes, kv_bytes
+        self.overhead, self.q_bytes, self.kv_bytes = overhead * kind.head_weight, q_bytes, kv_bytes
         self.by_server = [[] for _ in range(world)]
         self.loads = [0] * world
         self.kv_have: dict[tuple[int, int], list] = {}
@@ -102,16 +119,15 @@ class _Balancer:
         self.by_server[t.server].append(i)
         self.loads[t.server] += t.pairs(self.kind) + self.overhead
         key = (t.server, t.doc)
-        self.kv_have[key] = iv.union(self.kv_have.get(key, []) + [t.keys(self.kind)])
+        self.kv_have[key] = iv.union(self.kv_have.get(key, []) + t.keys(self.kind))
 
-    def _new_bytes(self, dst, doc, doc_start, doc_len, a, b):
-        """Bytes dst must newly receive to compute queries at document offsets [a, b)."""
+    def _new_bytes(self, dst, t, a, b):
+        """Bytes dst must newly receive to compute task t's queries at document offsets [a, b)."""
         owned = (dst * self.tpr, (dst + 1) * self.tpr)
-        q = 0 if a + doc_start >= owned[0] and b + doc_start <= owned[1] else (b - a) * self.q_bytes
-        kt = Task(doc, doc_start, doc_len, doc_start + a, doc_start + b, dst)
-        klo, khi = kt.keys(self.kind)
-        have = iv.union(self.kv_have.get((dst, doc), []) + [owned])
-        return q + iv.uncovered(klo, khi, have) * self.kv_bytes
+        q = 0 if a + t.doc_start >= owned[0] and b + t.doc_start <= owned[1] else (b - a) * self.q_bytes
+        moved = replace(t, q_lo=t.doc_start + a, q_hi=t.doc_start + b, server=dst)
+        have = iv.union(self.kv_have.get((dst, t.doc), []) + [owned])
+        return q + sum(iv.uncovered(lo, hi, have) for lo, hi in moved.keys(self.kind)) * self.kv_bytes
 
     def best_move(self, src, dst):
         """(score, task index, a, b) of the cheapest-in-bytes move toward the mean, or None."""
@@ -128,14 +144,14 @@ class _Balancer:
                 pieces.append((a, b, pairs))
             elif want - self.overhead >= self.overhead and b - a > 1:
                 target = int(want - self.overhead)
-                m = split_for_pairs(a, b, t.doc_len, self.kind, target, tail=True)
-                pieces.append((m, b, row_pairs(m, b, t.doc_len, self.kind)))
-                m = split_for_pairs(a, b, t.doc_len, self.kind, target, tail=False)
-                pieces.append((a, m, row_pairs(a, m, t.doc_len, self.kind)))
+                m = split_for_pairs(a, b, t.doc_len, self.kind, target, tail=True, prefix=t.prefix)
+                pieces.append((m, b, t.span_pairs(m, b, self.kind)))
+                m = split_for_pairs(a, b, t.doc_len, self.kind, target, tail=False, prefix=t.prefix)
+                pieces.append((a, m, t.span_pairs(a, m, self.kind)))
             for pa, pb, moved in pieces:
                 if moved <= 0 or moved + self.overhead >= gap:
                     continue
-                cost = self._new_bytes(dst, t.doc, t.doc_start, t.doc_len, pa, pb)
+                cost = self._new_bytes(dst, t, pa, pb)
                 key = (cost / moved, -moved, i, pa)
                 if best is None or key < best[0]:
                     best = (key, i, pa, pb)
@@ -152,7 +168,7 @@ class _Balancer:
         t.q_lo, t.q_hi, t.server = t.doc_start + a, t.doc_start + b, dst
         self._add(i)
         for ra, rb in rest:
-            self.tasks.append(Task(t.doc, t.doc_start, t.doc_len, t.doc_start + ra, t.doc_start + rb, src))
+            self.tasks.append(replace(t, q_lo=t.doc_start + ra, q_hi=t.doc_start + rb, server=src))
             self._add(len(self.tasks) - 1)
 
 
@@ -162,7 +178,7 @@ def server_rows(tasks, world, kind):
     kv = [[] for _ in range(world)]
     for t in tasks:
         q[t.server].append((t.q_lo, t.q_hi))
-        kv[t.server].append(t.keys(kind))
+        kv[t.server].extend(t.keys(kind))
     return [iv.union(x) for x in q], [iv.union(x) for x in kv]
 
 
@@ -187,27 +203,30 @@ def _no_gc():
 
 def plan(doc_lens, tokens_per_rank: int, mask, *, epsilon: float = 0.1, backend: str = "default",
          task_overhead_pairs: int | None = None, q_bytes_per_token: int = 32 * 128 * 2,
-         kv_bytes_per_token: int = 2 * 8 * 128 * 2, max_moves: int | None = None) -> Plan:
+         kv_bytes_per_token: int = 2 * 8 * 128 * 2, max_moves: int | None = None,
+         num_kv_heads: int | None = None) -> Plan:
     """Plan CAD for packed documents `doc_lens` over sum(doc_lens) / tokens_per_rank ranks.
 
-    mask: a kernels.MaskSpec or a MaskKind (only causal / window are read; documents come from
-    doc_lens).  Cost of a task = its allowed pairs + task_overhead_pairs (default: the
-    calibrated value for `backend`).  Byte sizes default to Hq=32, Hkv=8, D=128 in bf16.
+    mask: a kernels.MaskSpec (causal, window, prefix, sink and S2 heads are read; documents
+    come from doc_lens) or a MaskKind.  num_kv_heads: needed with S2 heads, whose pairs are
+    counted per KV head.  Cost of a task = its allowed pairs + task_overhead_pairs (default:
+    the calibrated value for `backend`).  Byte sizes default to Hq=32, Hkv=8, D=128 in bf16.
     """
     with _no_gc():
         return _plan(doc_lens, tokens_per_rank, mask, epsilon, backend, task_overhead_pairs, q_bytes_per_token,
-                     kv_bytes_per_token, max_moves)
+                     kv_bytes_per_token, max_moves, num_kv_heads)
 
 
 def _plan(doc_lens, tokens_per_rank, mask, epsilon, backend, task_overhead_pairs, q_bytes_per_token,
-          kv_bytes_per_token, max_moves) -> Plan:
+          kv_bytes_per_token, max_moves, num_kv_heads) -> Plan:
     t0 = time.perf_counter()
     lens = check_inputs(doc_lens, tokens_per_rank, epsilon)
-    kind = mask if isinstance(mask, MaskKind) else MaskKind.of(mask)
+    kind = mask if isinstance(mask, MaskKind) else MaskKind.of(mask, num_kv_heads)
+    prefixes = doc_prefixes(mask, lens)
     world = sum(lens) // tokens_per_rank
     overhead = TASK_OVERHEAD_PAIRS.get(backend, TASK_OVERHEAD_PAIRS["default"]) if task_overhead_pairs is None \
         else int(task_overhead_pairs)
-    tasks = initial_tasks(lens, tokens_per_rank)
+    tasks = initial_tasks(lens, tokens_per_rank, prefixes)
     bal = _Balancer(tasks, world, tokens_per_rank, kind, overhead, q_bytes_per_token, kv_bytes_per_token)
     pairs_before = [0] * world
     for t in tasks:
@@ -234,6 +253,8 @@ def _plan(doc_lens, tokens_per_rank, mask, epsilon, backend, task_overhead_pairs
     q_rows, kv_rows = server_rows(tasks, world, kind)
     q_in, kv_in = foreign_rows(q_rows, tokens_per_rank), foreign_rows(kv_rows, tokens_per_rank)
     bytes_in = [q * q_bytes_per_token + kv * kv_bytes_per_token for q, kv in zip(q_in, kv_in)]
-    return Plan(lens, tokens_per_rank, kind, tasks, pairs_before, pairs_after, cost_before, list(bal.loads),
+    pairs_before, pairs_after, cost_before, cost_after = ([kind.token_pairs(x) for x in xs] for xs in (
+        pairs_before, pairs_after, cost_before, bal.loads))
+    return Plan(lens, tokens_per_rank, kind, tasks, pairs_before, pairs_after, cost_before, cost_after,
                 q_rows, kv_rows, q_in, kv_in, bytes_in, time.perf_counter() - t0,
                 extra={"moves": moves, "task_overhead_pairs": overhead, "epsilon": epsilon})

@@ -3,8 +3,9 @@
 The server holds the query rows of its tasks and the union of their key rows, each set in
 ascending global position, and calls `kernels.attention` once with their GLOBAL positions
 and the global MaskSpec.  That separates tasks without synthetic ids: a query row only
-attends keys of its own document that its causal/window mask allows, and the server holds
-every such key (its task's key range is in the union), so each row's result is its exact
+attends keys of its own document that its mask allows (causal, window, prefix, sinks; with
+S2 heads each KV head its own keys), and the server holds every such key (its task's key
+ranges, the union over the heads, are in the union), so each row's result is its exact
 full-sequence row.  Two tasks of one document share their keys, which are held once.
 """
 from __future__ import annotations

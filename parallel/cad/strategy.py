@@ -9,11 +9,18 @@ autograd reverses it (dO out, dQ/dK/dV back, dK/dV of keys held by several serve
 With `pingpong=True` the tasks are split into two nano-batches whose communication and
 compute overlap (see pingpong.py).
 
+Masks: documents, causal, window, prefix, sink and S2 heads (contract 1b).  A server holds
+the union of its tasks' keys and the kernel applies each KV head's mask; with S2 heads the
+planner balances each KV head's real pairs, so it needs the number of KV heads.
+
 Options: epsilon (balance tolerance), backend (kernel backend; also picks the calibrated task
-overhead), pingpong, task_overhead_pairs (override the calibration), scale.
-stats: pairs = pairs each rank computes as a server; bytes_sent / bytes_recv = forward traffic
-(Q, K/V to servers, outputs back); backward moves the same bytes the other way.  extra holds
-pairs before/after planning, planner time and the forward/ping-pong timing breakdown.
+overhead), pingpong, task_overhead_pairs (override the calibration), scale, num_kv_heads
+(required with S2 heads; k/v must then have that many heads).
+stats: pairs = pairs each rank computes as a server (with S2 heads: its KV heads' pairs
+averaged over the heads, in units of all heads as CPStats counts); bytes_sent / bytes_recv =
+forward traffic (Q, K/V to servers, outputs back; a K/V row travels with all its heads);
+backward moves the same bytes the other way.  extra holds pairs before/after planning,
+planner time and the forward/ping-pong timing breakdown.
 """
 from __future__ import annotations
 
@@ -33,7 +40,6 @@ from .dispatch import exchange, server_routes
 from .pingpong import PingPong, nano_batches
 from .planner import plan
 from .server import serve
-from .tasks import MaskKind
 
 
 def _traffic(p, q_bytes, kv_bytes):
@@ -62,6 +68,7 @@ class CAD(base.ContextParallel):
             raise ValueError(f"balancer={balancer!r}: the cad strategy plans its own tasks; leave balancer unset or 'cad'")
         epsilon, overhead = options.pop("epsilon", 0.1), options.pop("task_overhead_pairs", None)
         self.pingpong = bool(options.pop("pingpong", False))
+        self.num_kv_heads = options.pop("num_kv_heads", None)
         self._bytes_cache = {}
         group = self.cp_group(group, mesh)
         error, fingerprint = None, -1
@@ -96,8 +103,8 @@ class CAD(base.ContextParallel):
         backend = self.backend  # whose calibrated task overhead to plan with; "auto" -> by process-group kind
         if backend == "auto":
             backend = "default" if dist.get_backend(self.group) == "nccl" else "cpu"
-        return plan(doc_lens, self.seqlen // self.world, MaskKind.of(self.mask), epsilon=epsilon,
-                    backend=backend, task_overhead_pairs=task_overhead_pairs)
+        return plan(doc_lens, self.seqlen // self.world, self.mask, epsilon=epsilon, backend=backend,
+                    task_overhead_pairs=task_overhead_pairs, num_kv_heads=self.num_kv_heads)
 
     @staticmethod
     def _check_agreement(error, fingerprint, group):
@@ -114,10 +121,14 @@ class CAD(base.ContextParallel):
             raise ValueError(f"cad: ranks {bad} of the CP group rejected their settings (see their errors)")
         if len({int(t[0]) for t in every}) > 1:
             raise ValueError("cad: ranks planned different tasks; give every rank of the CP group the same "
-                             "mask (documents, causal, window), seqlen and epsilon")
+                             "mask (documents, causal, window, prefix, sink, heads), seqlen, epsilon and "
+                             "num_kv_heads")
 
     def compute(self, q, k, v, with_lse=True):
         self.check_inputs(q, k, v)
+        if self.plan.kind.heads is not None and k.shape[1] != self.plan.kind.num_kv_heads:
+            raise ValueError(f"cad planned the S2 heads for num_kv_heads={self.plan.kind.num_kv_heads} but k/v "
+                             f"have {k.shape[1]} heads; build it with num_kv_heads={k.shape[1]}")
         t0 = time.perf_counter()
         if self.pingpong:
             out, lse, timing = PingPong.run(q, k, v, self, with_lse)
@@ -149,6 +160,16 @@ class CAD(base.ContextParallel):
             "pairs_imbalance_before": imbalance(p.pairs_before), "cost_imbalance_after": imbalance(p.cost_after),
             "planner_s": p.planning_s, "attention_fwd_s": seconds, "tasks": len(p.tasks),
         })
+
+    @classmethod
+    def shape_options(cls, num_heads, num_kv_heads, head_dim):
+        """The planner counts S2 pairs per KV head (the option is read only with S2 heads)."""
+        return {"num_kv_heads": num_kv_heads}
+
+    @classmethod
+    def auto_candidates(cls, world, mask, lay, balancer=None):
+        """One setting; with S2 heads it carries the KV heads the planner counts."""
+        return [(None, {"num_kv_heads": lay.hkv} if mask.heads is not None else {})]
 
     @classmethod
     def cost_time(cls, pairs, lay, hw, *, epsilon: float = 0.0, **_):

@@ -50,9 +50,11 @@ def _matrix(rank, world, configs):
             for hq, hkv in ((4, 2), (8, 4)):
                 q, k, v, dout = inputs(T, hq, hkv, seed=len(names))
                 want = reference(q, k, v, dout, mask)
+                shaped = {**options, **parallel.load_entry(parallel.STRATEGIES, strategy, "strategy")
+                          .shape_options(hq, hkv, q.shape[2])}  # cad: num_kv_heads; auto: head layout
                 for balancer in balancers:
                     for backend in ("reference", "cpu"):
-                        cp = parallel.build(strategy, mask, T, balancer=balancer, backend=backend, **options)
+                        cp = parallel.build(strategy, mask, T, balancer=balancer, backend=backend, **shaped)
                         name = f"{strategy}{options}/{balancer}/{mask_name}/{hq}-{hkv}/{backend}"
                         check(name, run_strategy(cp, q, k, v, dout), want)
                         names.append(name)
@@ -68,15 +70,18 @@ def test_two_ranks_every_strategy_on_the_new_masks():
         ("allgather", {"kv_head_groups": 2}, ["headtail"], ALL_MASKS),
         ("ulysses", {}, ["per_doc"], ALL_MASKS),
         ("usp", {"ulysses_degree": 2}, ["headtail"], ["s2", "s2+documents+prefix+sink"]),
+        ("cad", {"task_overhead_pairs": 0}, [None], ALL_MASKS),
+        ("auto", {"candidates": ["cad"]}, [None], ["s2"]),  # auto hands cad the KV heads S2 is counted over
     ]
     results = run_ranks(_matrix, 2, configs)
-    assert len(results[0]) == (2 * 4 + 4 + 4 + 2) * 2 * 2
+    assert len(results[0]) == (2 * 4 + 4 + 4 + 2 + 4 + 1) * 2 * 2
 
 
 def _four_ranks(rank, world):
     configs = [("usp", {"ulysses_degree": 2}, ["per_doc"], ["s2+documents+prefix+sink"]),
                ("ulysses", {}, ["contiguous"], ["s2"]),
-               ("ring", {}, ["headtail"], ["prefix"])]
+               ("ring", {}, ["headtail"], ["prefix"]),
+               ("cad", {"task_overhead_pairs": 0, "pingpong": True}, [None], ["s2+documents+prefix+sink"])]
     return _matrix(rank, world, configs), _ring_bytes()
 
 
@@ -109,7 +114,7 @@ def test_four_ranks_hybrid_grid_and_ring_reach():
     into block 1 from block 0's queries, so block 1 travels the whole ring (ranks 1, 2 and
     3 pass it on)."""
     names, stats = run_ranks(_four_ranks, 4)[0]
-    assert len(names) == 3 * 2 * 2
+    assert len(names) == 4 * 2 * 2
     block = 2 * 16 * 2 * 8 * 8
     assert stats["window"][0] == [block, block, block, 0]
     assert stats["window+sink"][0] == [block, 2 * block, 2 * block, 0]

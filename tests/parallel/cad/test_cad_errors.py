@@ -8,7 +8,7 @@ from tests.distributed import run_ranks
 
 def _errors(rank, world):
     import parallel
-    from kernels import MaskSpec
+    from kernels import HeadStride, MaskSpec
 
     seen = []
 
@@ -36,9 +36,14 @@ def _errors(rank, world):
     cp = parallel.build("cad", mask, 16)
     q = torch.zeros(5, 2, 4)
     expect("8 local rows", lambda: cp.attention(q, q, q))
+    s2 = MaskSpec.from_doc_lens([3, 13], heads=HeadStride(block=2, local_blocks=1, vert_stride=2))
+    expect("pass num_kv_heads=", lambda: parallel.build("cad", s2, 16))  # S2 pairs are counted per KV head
+    cp = parallel.build("cad", s2, 16, num_kv_heads=2)
+    x = torch.zeros(8, 3, 4)
+    expect("build it with num_kv_heads=3", lambda: cp.attention(x, x, x))
     return seen
 
 
 def test_bad_settings_raise_on_every_rank():
     seen = run_ranks(_errors, 2)
-    assert all(len(s) == 7 for s in seen)
+    assert all(len(s) == 9 for s in seen)

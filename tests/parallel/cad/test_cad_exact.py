@@ -89,3 +89,52 @@ def test_cad_matches_single_process(world):
     modes = (("reference", False), ("cpu", True))  # both backends, both dispatch paths
     counts = run_ranks(_check, world, modes)
     assert counts == [len(_cases(world)) * len(MASKS) * len(modes) + (world == 4)] * world
+
+
+def _new_masks(rank, world):
+    """Contract 1b masks (GQA 4/2, 32 tokens over 4 documents): exact out, lse, dq, dk, dv;
+    pairs are each server's real per-KV-head pairs and received bytes the formula over the
+    keys its queries need (brute force from MaskSpec.allowed with heads)."""
+    import parallel
+    from kernels import HeadStride, MaskSpec
+    from parallel.cad import intervals as iv
+    from tests.parallel.cases import check, inputs, reference, run_strategy
+
+    doc_lens, hq, hkv, d = [5, 14, 9, 4], 4, 2, 8
+    seqlen, tpr = sum(doc_lens), sum(doc_lens) // world
+    masks = {
+        "prefix": MaskSpec.from_doc_lens(doc_lens, causal=True, prefix=[2, 9, 0, 4]),
+        "sink+window": MaskSpec.from_doc_lens(doc_lens, causal=True, window=3, sink=2),
+        "s2+documents+dense head": MaskSpec.from_doc_lens(
+            doc_lens, causal=True, heads=HeadStride(block=2, local_blocks=1, vert_stride=3, dense_heads=1)),
+    }
+    q, k, v, dout = inputs(seqlen, hq, hkv, d)
+    everything = torch.arange(seqlen)
+    names = []
+    for name, mask in masks.items():
+        want = reference(q, k, v, dout, mask)
+        allowed = mask.allowed(everything, everything, hkv)
+        per_head = allowed if mask.heads is not None else allowed[None].expand(hkv, -1, -1)
+        for backend, pingpong in (("reference", False), ("cpu", True)):
+            cp = parallel.build("cad", mask, seqlen, backend=backend, pingpong=pingpong, epsilon=0.05,
+                                task_overhead_pairs=0, num_kv_heads=hkv)
+            where = f"{name}/{backend}/pingpong={pingpong}"
+            check(where, run_strategy(cp, q, k, v, dout), want)
+            qb, kvb = hq * d * 8, 2 * hkv * d * 8
+            owner = everything // tpr
+            recv = [0] * world  # server s: its foreign Q and needed K/V rows; owner o: o's outputs served elsewhere
+            for s in range(world):
+                q_pos = iv.positions(cp.plan.q_rows[s])
+                assert cp.stats.pairs[s] * hkv == int(per_head[:, q_pos].sum()), where
+                needed = per_head[:, q_pos].any(0).any(0).nonzero().flatten()
+                recv[s] += int((owner[q_pos] != s).sum()) * qb + int((owner[needed] != s).sum()) * kvb
+                for o in owner[q_pos][owner[q_pos] != s].tolist():
+                    recv[o] += qb
+            assert cp.stats.bytes_recv == recv, where
+            names.append(where)
+    return names
+
+
+def test_cad_on_prefix_sink_and_s2_masks():
+    names = run_ranks(_new_masks, 2)
+    assert all(len(n) == 3 * 2 for n in names)

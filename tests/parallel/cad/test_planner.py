@@ -7,11 +7,11 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kernels import MaskSpec
+from kernels import HeadStride, MaskSpec
 from parallel.balance import imbalance
 from parallel.cad import MaskKind, plan
 from parallel.cad import intervals as iv
-from parallel.cad.tasks import row_pairs
+from parallel.cad.tasks import row_counts, row_pairs
 
 KINDS = [MaskKind(causal=False), MaskKind(causal=True), MaskKind(causal=True, window=1), MaskKind(causal=True, window=7)]
 
@@ -126,8 +126,79 @@ def test_planning_leaves_the_garbage_collector_as_it_found_it(enabled):
         (gc.enable if was else gc.disable)()
 
 
-@pytest.mark.parametrize("extra", [{"prefix": 3}, {"sink": 2}])
-def test_masks_cad_cannot_express_are_refused(extra):
-    mask = MaskSpec.from_doc_lens([8, 8], causal=True, **extra)
-    with pytest.raises(ValueError, match=f"'cad' does not support masks with {next(iter(extra))}"):
-        plan([8, 8], 8, mask)
+S2 = HeadStride(block=3, local_blocks=1, vert_stride=2)
+MASKS_1B = {  # MaskSpec kinds; a prefix is capped at each document's length; S2 over 4 KV heads
+    "prefix": dict(causal=True, prefix=5),
+    "bidirectional+prefix": dict(causal=False, prefix=3),
+    "window+sink": dict(causal=True, window=4, sink=2),
+    "prefix+sink": dict(causal=True, prefix=4, sink=1),
+    "s2": dict(causal=True, heads=S2),
+    "s2+dense head+window+prefix+sink": dict(causal=True, window=9, prefix=2, sink=1,
+                                             heads=HeadStride(block=2, local_blocks=1, vert_stride=5, dense_heads=1)),
+}
+HKV = 4
+
+
+def _spec_1b(doc_lens, name):
+    kinds = dict(MASKS_1B[name])
+    if "prefix" in kinds:
+        kinds["prefix"] = [min(kinds["prefix"], n) for n in doc_lens]
+    return MaskSpec.from_doc_lens(doc_lens, **kinds), HKV if "heads" in kinds else None
+
+
+@given(n=st.integers(1, 60), causal=st.booleans(), window=st.sampled_from([None, 1, 5, 17]),
+       sink=st.sampled_from([None, 1, 3]), prefix=st.integers(0, 60), block=st.integers(1, 5),
+       local=st.integers(0, 3), stride=st.integers(1, 4), dense=st.integers(0, 2), with_heads=st.booleans())
+def test_row_counts_match_each_heads_dense_mask(n, causal, window, sink, prefix, block, local, stride, dense,
+                                                with_heads):
+    """Per query row, the tabulated count equals the dense mask's allowed keys summed over KV heads."""
+    causal = causal or window is not None or sink is not None
+    heads = HeadStride(block, local, stride, dense) if with_heads else None
+    hkv = stride + dense if with_heads else None
+    spec = MaskSpec.from_doc_lens([n], causal=causal, window=window, sink=sink, prefix=min(prefix, n), heads=heads)
+    pos = torch.arange(n)
+    allowed = spec.allowed(pos, pos, hkv)
+    want = allowed.sum((0, 2)) if with_heads else allowed.sum(1)
+    assert torch.equal(row_counts(n, min(prefix, n), MaskKind.of(spec, hkv)), want)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches(), name=st.sampled_from(sorted(MASKS_1B)), epsilon=st.sampled_from([0.05, 0.3]))
+def test_new_masks_count_each_heads_pairs_and_move_only_needed_keys(batch, name, epsilon):
+    """Prefix, sink and S2 plans: query rows partition the sequence; each server's pairs are its
+    rows' real per-head pairs (brute force, allowed() with heads, averaged over the KV heads);
+    its key rows are exactly the keys some head of some of its queries needs, and bytes_in
+    counts the foreign ones."""
+    doc_lens, tpr, _ = batch
+    spec, hkv = _spec_1b(doc_lens, name)
+    q_bytes, kv_bytes = 3, 5
+    p = plan(doc_lens, tpr, spec, epsilon=epsilon, task_overhead_pairs=0, num_kv_heads=hkv,
+             q_bytes_per_token=q_bytes, kv_bytes_per_token=kv_bytes)
+    total = sum(doc_lens)
+    everything = torch.arange(total)
+    allowed = spec.allowed(everything, everything, hkv)
+    per_head = allowed if hkv else allowed[None]
+    seen = torch.zeros(total, dtype=torch.long)
+    for s in range(p.world):
+        q_pos = iv.positions(p.q_rows[s])
+        seen[q_pos] += 1
+        assert p.pairs_after[s] * per_head.shape[0] == int(per_head[:, q_pos].sum())
+        own = torch.arange(s * tpr, (s + 1) * tpr)
+        assert p.pairs_before[s] * per_head.shape[0] == int(per_head[:, own].sum())
+        needed = per_head[:, q_pos].any(0).any(0).nonzero().flatten()
+        assert iv.positions(p.kv_rows[s]).tolist() == needed.tolist()
+        foreign_q, foreign_kv = (int((rows // tpr != s).sum()) for rows in (q_pos, needed))
+        assert p.bytes_in[s] == foreign_q * q_bytes + foreign_kv * kv_bytes
+    assert bool((seen == 1).all())
+    assert sum(p.pairs_after) * per_head.shape[0] == int(per_head.sum())
+
+
+@pytest.mark.parametrize("mask,kwargs,match", [
+    (MaskSpec.from_doc_lens([8, 8], causal=True, heads=S2), {}, "num_kv_heads"),
+    (MaskSpec.from_doc_lens([8, 8], causal=True, heads=S2), {"num_kv_heads": 1}, "b % 2 in"),
+    (MaskSpec.from_doc_lens([5, 6, 5], causal=True, prefix=[3, 4, 1]), {}, "one prefix per document"),
+    (MaskSpec(causal=True, prefix=12), {}, "longer than documents"),
+])
+def test_new_masks_bad_input_is_a_value_error(mask, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan([8, 8], 8, mask, **kwargs)
