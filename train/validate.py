@@ -119,8 +119,11 @@ def validate_layer_masks(entries: list, n_layers: int, n_kv_heads: int) -> None:
             kinds = entry_kinds(e)
             if kinds["heads"] is not None:
                 kinds["heads"].check_cover(n_kv_heads)
-            MaskSpec(causal=True, **kinds)
         except (ValueError, TypeError) as err:
+            raise ValueError(f"{at}.heads: {err} (model.n_kv_heads={n_kv_heads})") from err
+        try:
+            MaskSpec(causal=True, **kinds)
+        except ValueError as err:
             raise ValueError(f"{at}: {err}") from err
 
 
