@@ -97,9 +97,11 @@ class LayerStrategies:
 
 
 def describe(mask: MaskSpec) -> str:
-    """A mask's kinds without its document count (that changes every sequence)."""
-    return "+".join(part for part in mask.describe().split("+") if not part.startswith("docs=")) + \
-        ("+documents" if mask.has_docs else "")
+    """A mask's kinds without what changes every sequence (document count, per-document prefixes)."""
+    parts = [part for part in mask.describe().split("+") if not part.startswith(("docs=", "prefix="))]
+    if mask.prefix is not None:
+        parts.append(f"prefix<={max(mask.prefix) if isinstance(mask.prefix, list) else mask.prefix}")
+    return "+".join(parts + ["documents"] * mask.has_docs)
 
 
 def hide_prefix_targets(labels: torch.Tensor, mask: MaskSpec, prefix: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ class Trainer:
         memory.check_device(self.device)
         self.loader = build_loader(cfg.data, cfg.train.seed, self.dims.coordinates(self.rank)[0], self.dims.dp)
         model_cfg = hf.resolve_config(cfg.model, self.loader.corpus.vocab_size, f"data.source={cfg.data.source}")
-        validate_layer_masks(cfg.model.layer_masks, model_cfg.n_layers, model_cfg.n_kv_heads)
+        validate_layer_masks(cfg.model.layer_masks, model_cfg.n_layers, model_cfg.n_kv_heads, cfg.parallel.tp)
         self.mask_kinds, self.layer_mask = layer_kinds(cfg.train, cfg.model.layer_masks, model_cfg.n_layers)
         self.loss_prefix = max(k["prefix"] or 0 for k in self.mask_kinds)
         self.evaluator = evaluate.build_evaluator(cfg)

@@ -97,8 +97,9 @@ def as_layer_mask(entry, i: int) -> LayerMask:
     return LayerMask(**{**entry, "heads": heads})
 
 
-def validate_layer_masks(entries: list, n_layers: int, n_kv_heads: int) -> None:
-    """Every model.layer_masks entry names real layers and a mask the kernels accept."""
+def validate_layer_masks(entries: list, n_layers: int, n_kv_heads: int, tp: int = 1) -> None:
+    """Every model.layer_masks entry names real layers and a mask the kernels accept.  S2 heads
+    need tp=1: tensor parallelism hands each rank a slice of the K/V heads, numbered from 0."""
     for i, raw in enumerate(entries):
         e, at = as_layer_mask(raw, i), f"model.layer_masks[{i}]"
         if e.layers is not None:
@@ -115,6 +116,9 @@ def validate_layer_masks(entries: list, n_layers: int, n_kv_heads: int) -> None:
             value = getattr(e, key)
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ValueError(f"{at}.{key}={value!r} must be an int >= {low} tokens, or null for none")
+        if e.heads is not None and tp > 1:
+            raise ValueError(f"{at}.heads (S2) with parallel.tp={tp}: tensor parallelism splits the K/V heads, so "
+                             f"each rank would number its slice from 0; use parallel.tp=1 with per-head masks")
         try:
             kinds = entry_kinds(e)
             if kinds["heads"] is not None:
@@ -161,7 +165,7 @@ def validate(cfg, world: int) -> ParallelDims:
         raise ValueError(f"train.window={t.window} must be a positive number of tokens")
     validate_optim(cfg.optim)
     if not cfg.model.path:  # model=hf: the Trainer checks against the checkpoint's layer count
-        validate_layer_masks(cfg.model.layer_masks, cfg.model.n_layers, cfg.model.n_kv_heads)
+        validate_layer_masks(cfg.model.layer_masks, cfg.model.n_layers, cfg.model.n_kv_heads, p.tp)
     if p.strategy not in parallel.STRATEGIES:
         raise ValueError(f"parallel.strategy={p.strategy!r} is unknown; "
                          f"choose one of {', '.join(parallel.STRATEGIES)}")

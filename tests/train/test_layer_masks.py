@@ -124,7 +124,7 @@ def config(strategy, extra, out_dir):
     register()
     with initialize_config_dir(config_dir=os.path.abspath(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[
-            f"parallel={strategy}", "+parallel.options.backend=reference", *extra,
+            f"parallel={strategy}", "+parallel.options.backend=reference", "data=synthetic", *extra,
             "model.dim=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2",
             "data.seqlen=64", "train.steps=4", "train.device=cpu", "train.dtype=float32",
             "optim.warmup_steps=2", "train.progress=false", "logger=disabled", f"train.out_dir={out_dir}",
@@ -149,7 +149,7 @@ def test_two_ranks_equal_one_process_per_layer(tmp_path):
             assert len(described.splitlines()) == 3, described
         losses, described, kinds = rank_result[1]
         assert kinds == ["Ring", "Ring", "Ring"], described
-        assert "window=8+sink=2" in described and "prefix=" in described
+        assert "window=8+sink=2" in described and "prefix<=6" in described
         assert losses == pytest.approx(baseline, abs=1e-5)
 
 
@@ -177,6 +177,13 @@ def test_one_mask_for_every_layer_is_the_plain_run_bitwise(tmp_path):
 def test_bad_entries_name_the_setting(entry, message):
     with pytest.raises(ValueError, match=message):
         validate_layer_masks([entry], n_layers=4, n_kv_heads=2)
+
+
+def test_s2_heads_need_tp_1():
+    entry = {"heads": {"block": 4, "local_blocks": 1, "vert_stride": 2}}
+    validate_layer_masks([entry], n_layers=4, n_kv_heads=2)
+    with pytest.raises(ValueError, match=r"model.layer_masks\[0\].heads \(S2\) with parallel.tp=2"):
+        validate_layer_masks([entry], n_layers=4, n_kv_heads=2, tp=2)
 
 
 def test_bad_entry_fails_in_validate_before_any_collective(tmp_path):
