@@ -190,3 +190,13 @@ def test_bad_entry_fails_in_validate_before_any_collective(tmp_path):
     cfg = config("ring", ["model.layer_masks=[{every: 2, offset: 1, window: 8}, {layers: [3]}]"], str(tmp_path))
     with pytest.raises(ValueError, match=r"model.layer_masks\[1\].layers=\[3\] .* \(model.n_layers=3\)"):
         validate(cfg, 2)
+
+
+def test_hybrid_experiment_alternates_window_and_global_layers(tmp_path):
+    register()
+    with initialize_config_dir(config_dir=os.path.abspath(CONF), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("config", overrides=["experiment=hybrid_masks", "parallel=ring"]))
+    validate(cfg, 2)
+    kinds, layer_mask = layer_kinds(cfg.train, cfg.model.layer_masks, cfg.model.n_layers)
+    assert layer_mask == [0, 0, 0, 1]
+    assert kinds[0]["window"] == 256 and kinds[0]["sink"] == 4 and kinds[1]["window"] is None
