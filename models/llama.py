@@ -7,8 +7,9 @@ models/rope.py, which also holds the scaling rules for longer contexts); the cor
 softmax(QK^T)V is the `attn(q, k, v)` callable of the caller (a CP strategy's
 `attention`, or `kernels.attention` with a mask), which owns the mask and every
 cross-rank exchange; a list of callables, one per layer, gives each layer its own core
-attention (per-layer masks: `model.layer_masks`, train/validate.py).  Linear layers are plain `nn.Linear` attributes with stable names
-(attn.wq/wk/wv/wo, mlp.w1/w2/w3) so a tensor-parallel transform can swap them later.
+attention (per-layer masks, `model.layer_masks`: train/layer_cp.py).  Linear layers are
+plain `nn.Linear` attributes with stable names (attn.wq/wk/wv/wo, mlp.w1/w2/w3) so a
+tensor-parallel transform can swap them later.
 """
 from __future__ import annotations
 
