@@ -110,6 +110,26 @@ def cp_case(rank, world, strategy, options):
     return loss.item(), {n: g.numpy() for n, g in grads.items()}, cps.describe()
 
 
+def auto_pinned_to_the_lead_layout(rank, world):
+    """auto with predictions rigged so that the global mask (the lead: layers 0 and 3) picks
+    ring on contiguous rows and the window mask would pick ulysses, which shards per_doc:
+    the window mask must then be chosen among ring only, on the lead's rows."""
+    import parallel.auto as auto
+
+    def rigged(strategy, balancer, options, mask, *rest):
+        if mask.window is None:
+            return 1.0 if (strategy, balancer) == ("ring", "contiguous") else 2.0
+        return 1.0 if strategy == "ulysses" else 2.0
+
+    real, auto.predicted_time = auto.predicted_time, rigged
+    auto._DECISIONS.clear()
+    try:
+        return cp_case(rank, world, "auto", AUTO)
+    finally:
+        auto.predicted_time = real
+        auto._DECISIONS.clear()
+
+
 def trainer_case(rank, world, cfg):
     trainer = Trainer(cfg)
     losses = [m["loss"] for m in train(trainer, None)]
@@ -117,7 +137,8 @@ def trainer_case(rank, world, cfg):
 
 
 def two_rank_cases(rank, world, cases, cfg):
-    return [cp_case(rank, world, *case) for case in cases], trainer_case(rank, world, cfg)
+    return ([cp_case(rank, world, *case) for case in cases] + [auto_pinned_to_the_lead_layout(rank, world)],
+            trainer_case(rank, world, cfg))
 
 
 def config(strategy, extra, out_dir):
@@ -142,11 +163,13 @@ def test_two_ranks_equal_one_process_per_layer(tmp_path):
     baseline = [m["loss"] for m in run(config("none", TRAIN_MASKS, str(tmp_path)))]
     per_rank = run_ranks(two_rank_cases, 2, cases, config("ring", TRAIN_MASKS, str(tmp_path)))
     for rank_result in per_rank:
-        for (strategy, _), (loss, grads, described) in zip(cases, rank_result[0]):
+        assert len(rank_result[0]) == len(cases) + 1
+        for (strategy, _), (loss, grads, described) in zip(cases + [("auto pinned", {})], rank_result[0]):
             assert loss == pytest.approx(ref_loss.item(), rel=1e-10), strategy
             for name, g in ref_grads.items():
                 torch.testing.assert_close(torch.from_numpy(grads[name]), g, rtol=1e-9, atol=1e-11, msg=f"{strategy} {name}")
             assert len(described.splitlines()) == 3, described
+        assert [line.split("-> ")[1] for line in described.splitlines()] == ["ring/contiguous"] * 3, described
         losses, described, kinds = rank_result[1]
         assert kinds == ["Ring", "Ring", "Ring"], described
         assert "window=8+sink=2" in described and "prefix<=6" in described
