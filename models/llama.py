@@ -6,8 +6,10 @@ rows.  RoPE rotates at the positions given (document-relative ones for packed do
 models/rope.py, which also holds the scaling rules for longer contexts); the core attention
 softmax(QK^T)V is the `attn(q, k, v)` callable of the caller (a CP strategy's
 `attention`, or `kernels.attention` with a mask), which owns the mask and every
-cross-rank exchange.  Linear layers are plain `nn.Linear` attributes with stable names
-(attn.wq/wk/wv/wo, mlp.w1/w2/w3) so a tensor-parallel transform can swap them later.
+cross-rank exchange; a list of callables, one per layer, gives each layer its own core
+attention (per-layer masks, `model.layer_masks`: train/layer_cp.py).  Linear layers are
+plain `nn.Linear` attributes with stable names (attn.wq/wk/wv/wo, mlp.w1/w2/w3) so a
+tensor-parallel transform can swap them later.
 """
 from __future__ import annotations
 
@@ -20,6 +22,35 @@ from torch import nn
 
 from .memory import MemoryOptions
 from .rope import RopeConfig, Rotary
+
+
+@dataclass
+class S2Heads:
+    """S2-Attention per-KV-head sparsity of a `LayerMask` (kernels.HeadStride's fields)."""
+
+    block: int
+    local_blocks: int
+    vert_stride: int
+    dense_heads: int = 0
+
+
+@dataclass
+class LayerMask:
+    """One `model.layer_masks` entry: the layers it covers (`layers`, else every layer l with
+    l % every == offset) and their mask kinds on top of train.mask's documents.  Kinds left
+    unset are off, so an entry with none is the plain causal (document) mask; layers no entry
+    covers keep train.mask as it is.  The first entry covering a layer wins."""
+
+    layers: list[int] | None = None
+    every: int = 1
+    offset: int = 0
+    window: int | None = None           # causal sliding window (tokens)
+    sink: int | None = None             # every query also sees its document's first `sink` tokens
+    prefix: int | None = None           # bidirectional prefix of every document (shorter documents: all of it)
+    heads: S2Heads | None = None        # S2 per-head sparsity
+
+    def covers(self, layer: int) -> bool:
+        return layer in self.layers if self.layers is not None else layer % self.every == self.offset
 
 
 @dataclass
@@ -42,6 +73,7 @@ class LlamaConfig:
     o_bias: bool = False                # a bias on the output projection (Llama's attention_bias=True)
     init_std: float = 0.02
     path: str | None = None             # model=hf: a Hugging Face checkpoint folder; its config.json sets the shape
+    layer_masks: list[LayerMask] = field(default_factory=list)  # per-layer masks (empty: train.mask everywhere)
 
     def __post_init__(self):
         if self.n_heads < 1 or self.dim % self.n_heads != 0:
@@ -146,7 +178,8 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attn, labels=None) -> torch.Tensor:
         """tokens [T] long, positions [T] long (RoPE positions: document-relative in packed
-        training, see models.rope.document_positions), attn(q, k, v) -> out; logits [T, V].
+        training, see models.rope.document_positions), attn(q, k, v) -> out, or a list of
+        n_layers such callables (layer i's core attention); logits [T, V].
         With labels [T] (-100: no target): the summed float32 cross-entropy of those logits
         instead, `self.memory.loss_chunk` tokens at a time when set."""
         with self.memory.saving():
@@ -157,9 +190,13 @@ class Llama(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         """The final-normed hidden states [T, dim] that `output` turns into logits."""
+        attns = list(attn) if isinstance(attn, (list, tuple)) else [attn] * len(self.layers)
+        if len(attns) != len(self.layers):
+            raise ValueError(f"got {len(attns)} core attentions for {len(self.layers)} layers; pass one callable "
+                             "or one per layer")
         x = self.embed(tokens)
-        for layer in self.layers:
-            x = self.memory.block(layer, x, positions, attn)
+        for layer, layer_attn in zip(self.layers, attns):
+            x = self.memory.block(layer, x, positions, layer_attn)
         return self.norm(x)
 
     def num_params(self, exclude_embedding: bool = False) -> int:

@@ -4,7 +4,8 @@ Per micro-batch: the sequence's documents give the mask; the CP strategy, built 
 rank grid (`mesh=`, so usp uses its Ulysses / ring subgroups) and rebuilt only when the
 mask changes (document lengths; never for train.mask=causal or window), picks this rank's
 rows and their global positions; the model runs on those rows with `cp.attention` as its
-core attention.
+core attention.  With model.layer_masks, one strategy per distinct layer mask over one
+shared layout (train/layer_cp.py) gives every layer its own core attention.
 Loss invariant: loss_local = sum of cross-entropy over this rank's rows / number of
 predicted tokens in the WHOLE sequence, so the sum over the CP group is the DP rank's mean
 loss; the engine turns gradients into SUM over CP, MEAN over DP, and the logged loss is
@@ -32,14 +33,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import parallel
 from models import hf
 from models.memory import MemoryOptions
-from models.rope import document_positions
 
 from . import checkpoint, config, engines, evaluate, faults
 from .data import build_loader, next_token_labels
 from .dist import beat, build_groups, describe_timeout, is_timeout, join_single_process
+from .layer_cp import LayerStrategies, hide_prefix_targets
 from .logger import WandbLogger, run_name
 from .metrics import attention_pairs, peak_flops, peak_memory_mb, throughput
-from .validate import build_mask, resolve_device, uses_documents, validate
+from .validate import build_mask, layer_kinds, resolve_device, uses_documents, validate, validate_layer_masks
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class Trainer:
         memory.check_device(self.device)
         self.loader = build_loader(cfg.data, cfg.train.seed, self.dims.coordinates(self.rank)[0], self.dims.dp)
         model_cfg = hf.resolve_config(cfg.model, self.loader.corpus.vocab_size, f"data.source={cfg.data.source}")
+        validate_layer_masks(cfg.model.layer_masks, model_cfg.n_layers, model_cfg.n_kv_heads, cfg.parallel.tp)
+        self.mask_kinds, self.layer_mask = layer_kinds(cfg.train, cfg.model.layer_masks, model_cfg.n_layers)
+        self.loss_prefix = max(k["prefix"] or 0 for k in self.mask_kinds)
         self.evaluator = evaluate.build_evaluator(cfg)
         # the first collective: every check is above
         self.groups = build_groups(cfg, self.dims) if self.distributed else None
@@ -85,7 +89,7 @@ class Trainer:
         self.config = self.resolved_config()
         self.logger = WandbLogger(cfg.logger, self.folder, self.config, self.rank, name=run_name(cfg))
         self.peak = peak_flops(self.device, cfg.train.peak_tflops)
-        self.cp, self.cp_key, self.choice = None, None, None
+        self.layer_cps, self.cp, self.cp_key, self.choice = None, None, None, None
 
     def info(self, message: str) -> None:
         if self.rank == 0:
@@ -101,18 +105,20 @@ class Trainer:
     def client_state(self) -> dict:
         return {"step": self.step, "data": self.loader.state_dict()}
 
-    def strategy(self, doc_lens: list[int]):
-        """The CP strategy for this sequence's mask, rebuilt only when the mask changes."""
+    def strategy(self, doc_lens: list[int]) -> LayerStrategies:
+        """The CP strategies for this sequence's layer masks, rebuilt only when the masks change."""
         key = tuple(doc_lens) if uses_documents(self.cfg.train.mask) else ()
-        if self.cp is None or key != self.cp_key:
-            p = self.cfg.parallel
-            cp = parallel.build(p.strategy, build_mask(doc_lens, self.cfg.train), self.cfg.data.seqlen,
-                                group=self.cp_group, mesh=self.groups, balancer=p.balancer, **p.options)
-            self.note_strategy(cp, first=self.cp is None)
-            self.cp, self.cp_key = cp, key
-            # RoPE turns at document-relative positions; the mask keeps the global ones
-            self.rope_positions = document_positions(cp.positions, cp.mask.cu_doc_starts).to(self.device)
-        return self.cp
+        if self.layer_cps is None or key != self.cp_key:
+            masks = [build_mask(doc_lens, self.cfg.train, kinds) for kinds in self.mask_kinds]
+            cp = LayerStrategies(masks, self.layer_mask, self.cfg.data.seqlen, self.cfg.parallel,
+                                 group=self.cp_group, mesh=self.groups)
+            self.note_strategy(cp.lead, first=self.cp is None)
+            if self.cp is None and len(masks) > 1:
+                self.info(f"model.layer_masks: {len(masks)} masks, one strategy each\n{cp.describe()}")
+            self.layer_cps, self.cp, self.cp_key = cp, cp.lead, key
+            self.rope_positions = cp.rope_positions().to(self.device)
+            self.layer_pairs = cp.mean_pairs() if len(masks) > 1 else None
+        return self.layer_cps
 
     def note_strategy(self, cp, first: bool) -> None:
         """The first strategy's balancer (and what parallel=auto chose) into the wandb config and
@@ -133,6 +139,8 @@ class Trainer:
         t, seqlen, device = self.cfg.train, self.cfg.data.seqlen, self.device
         cp = self.strategy(seq.doc_lens)
         labels = next_token_labels(seq.tokens, seq.doc_lens if uses_documents(t.mask) else None)
+        if self.loss_prefix:
+            labels = hide_prefix_targets(labels, cp.mask, self.loss_prefix)
         n_predicted = max(int((labels != -100).sum()), 1)
         amp = self.amp_dtype
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -143,7 +151,7 @@ class Trainer:
         stats = cp.stats
         cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else 0
         return loss.detach(), {
-            "pairs": attention_pairs(seq.doc_lens, seqlen, t.mask, t.window),
+            "pairs": self.layer_pairs or attention_pairs(seq.doc_lens, seqlen, t.mask, t.window),
             "attn_imbalance": stats.imbalance("pairs") if stats.pairs else 1.0,
             "comm_bytes": stats.bytes_sent[cp_rank] + stats.bytes_recv[cp_rank] if stats.bytes_sent else 0,
         }
