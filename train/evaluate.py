@@ -7,10 +7,13 @@
   depth (0 = start, 1 = end of the filler), then "What is the pass key? The pass key is"
   and the key's tokens.  A trial counts when the model's greedy choice is right at every
   answer token given the ones before (teacher forcing: exactly greedy decoding of the answer,
-  in one forward pass).  `eval/passkey/<length>/<depth>` = fraction of trials right.
+  in one forward pass).  Targets inside a bidirectional prefix (which those rows can see)
+are left out of the losses.  `eval/passkey/<length>/<depth>` = fraction of trials right.
 
-Every sequence goes through `parallel.build` with the training strategy, and per-token
-results come back with `cp.unshard`, so every rank of a CP group gets the full result and
+Every sequence is one document under the run's own masks (train.mask's window and, with
+model.layer_masks, each layer's window, sink, prefix or S2 heads) through the training
+strategy (one per distinct layer mask, train.layer_cp), and per-token results come back
+with `cp.unshard`, so every rank of a CP group gets the full result and
 the numbers equal a 1-rank evaluation (up to float32 merge order).  Sequences are pure
 functions of (corpus, eval settings), the same on every rank.
 """
@@ -25,13 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import parallel
-from kernels import MaskSpec
-from models.rope import document_positions
-
 from .config import EvalConfig
 from .data import build_corpus, next_token_labels
 from .data.tokenizer import ByteTokenizer, load_tokenizer
+from .layer_cp import LayerStrategies, hide_prefix_targets
+from .validate import base_kinds, build_mask
 
 PASSKEY_INTRO = "Find the pass key in this text.\n"
 PASSKEY_NEEDLE = "\nThe pass key is {key}. Remember it.\n"
@@ -62,8 +63,11 @@ class Evaluator:
     """The evaluation sequences of one run (built once, identical on every rank) and the
     forward passes that score them under the CP strategy."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layers: tuple[list[dict], list[int]] | None = None):
+        """`layers`: the run's distinct layer mask kinds and each layer's index into them
+        (train.validate.layer_kinds); None: train.mask's kinds for every layer."""
         ecfg, self.cfg = cfg.eval, cfg
+        self.mask_kinds, self.layer_mask = layers or ([base_kinds(cfg.train)], [0])
         validate(ecfg, cfg.data.seqlen)
         self.ecfg = ecfg
         self.seqlen = ecfg.seqlen or cfg.data.seqlen
@@ -83,14 +87,14 @@ class Evaluator:
     def _forward(self, model, tokens, labels, cp_group, device, amp_dtype):
         """Per-token loss and greedy-correctness of one single-document sequence against its
         next-token labels (-100: none), [T] each."""
-        mask = MaskSpec.from_doc_lens([tokens.numel()], causal=True)
-        p = self.cfg.parallel
-        cp = parallel.build(p.strategy, mask, tokens.numel(), group=cp_group, balancer=p.balancer, **p.options)
-        labels = cp.shard(labels).to(device)
-        positions = document_positions(cp.positions, mask.cu_doc_starts).to(device)
+        masks = [build_mask([tokens.numel()], self.cfg.train, kinds) for kinds in self.mask_kinds]
+        cp = LayerStrategies(masks, self.layer_mask, tokens.numel(), self.cfg.parallel, group=cp_group)
+        prefix = max(k["prefix"] or 0 for k in self.mask_kinds)
+        labels = cp.shard(hide_prefix_targets(labels, cp.mask, prefix) if prefix else labels).to(device)
+        positions = cp.rope_positions().to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(cp.shard(tokens).to(device), positions, cp.attention).float()
-        loss = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+        loss = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none").masked_fill(labels == -100, torch.nan)
         correct = (logits.argmax(-1) == labels).float()
         return cp.unshard(loss).cpu(), cp.unshard(correct).cpu()
 
@@ -101,10 +105,10 @@ class Evaluator:
         try:
             losses = torch.stack([self._forward(model, doc[:-1], doc[1:], cp_group, device, amp_dtype)[0]
                                   for doc in self.docs])
-            metrics = {"eval/loss": float(losses.mean())}
+            metrics = {"eval/loss": float(losses.nanmean())}
             edges = np.linspace(0, self.seqlen, self.ecfg.buckets + 1).round().astype(int)
             for lo, hi in zip(edges[:-1], edges[1:]):
-                metrics[f"eval/loss_by_pos/{hi}"] = float(losses[:, lo:hi].mean())
+                metrics[f"eval/loss_by_pos/{hi}"] = float(losses[:, lo:hi].nanmean())
             for (n, d), trials in self.passkeys.items():
                 right = 0
                 for trial in trials:
@@ -247,9 +251,9 @@ def maybe_eval(evaluator: Evaluator | None, step: int, model, cp_group, device, 
     return metrics
 
 
-def build_evaluator(cfg) -> Evaluator | None:
+def build_evaluator(cfg, layers: tuple[list[dict], list[int]] | None = None) -> Evaluator | None:
     """The run's evaluator when eval.every is set (built before any collective: it reads data only)."""
-    return Evaluator(cfg) if cfg.eval.every else None
+    return Evaluator(cfg, layers) if cfg.eval.every else None
 
 
 def evaluate_run(cfg) -> dict[str, float]:
@@ -262,7 +266,7 @@ def evaluate_run(cfg) -> dict[str, float]:
     from .export import load_trained_model
     from .config import run_folder
     from .dist import build_groups
-    from .validate import resolve_device, validate as validate_run
+    from .validate import layer_kinds, resolve_device, validate as validate_run, validate_layer_masks
 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -276,6 +280,8 @@ def evaluate_run(cfg) -> dict[str, float]:
     else:
         vocab = max(int(evaluator.tokenizer.vocab_size), 1)
         model = build_model(resolve_config(cfg.model, vocab, f"data.source={cfg.data.source}"))
+    validate_layer_masks(cfg.model.layer_masks, model.cfg.n_layers, model.cfg.n_kv_heads)
+    evaluator.mask_kinds, evaluator.layer_mask = layer_kinds(cfg.train, cfg.model.layer_masks, model.cfg.n_layers)
     groups = build_groups(cfg, dims) if distributed else None  # the first collective: every check is above
     metrics = evaluator.run(model.to(device), groups.cp_group if groups else None, device, amp_dtype)
     if rank == 0:

@@ -56,7 +56,8 @@ class LayerStrategies:
                                  f"{self.lead.balancer!r}; set parallel.balancer so every layer shares one layout")
             self.strategies.append(cp)
         self.attention = self.lead.attention if len(masks) == 1 else [self.strategies[m].attention for m in layer_mask]
-        self.mask, self.positions, self.shard = self.lead.mask, self.lead.positions, self.lead.shard
+        self.mask, self.positions = self.lead.mask, self.lead.positions
+        self.shard, self.unshard = self.lead.shard, self.lead.unshard
 
     def rope_positions(self) -> torch.Tensor:
         """RoPE turns at document-relative positions; the masks keep the global ones."""

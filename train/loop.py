@@ -62,7 +62,7 @@ class Trainer:
         validate_layer_masks(cfg.model.layer_masks, model_cfg.n_layers, model_cfg.n_kv_heads, cfg.parallel.tp)
         self.mask_kinds, self.layer_mask = layer_kinds(cfg.train, cfg.model.layer_masks, model_cfg.n_layers)
         self.loss_prefix = max(k["prefix"] or 0 for k in self.mask_kinds)
-        self.evaluator = evaluate.build_evaluator(cfg)
+        self.evaluator = evaluate.build_evaluator(cfg, (self.mask_kinds, self.layer_mask))
         # the first collective: every check is above
         self.groups = build_groups(cfg, self.dims) if self.distributed else None
         self.cp_group = self.groups.cp_group if self.groups else None

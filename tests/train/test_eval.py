@@ -96,6 +96,26 @@ def test_two_rank_evaluation_equals_one_rank(corpus, tmp_path):
         assert two[0][key] == pytest.approx(value, abs=1e-5), key
 
 
+def test_evaluation_runs_the_models_own_layer_masks(corpus, tmp_path):
+    """A model trained with per-layer masks is scored under them: a window on every layer
+    equals train.mask's window, a prefix layer leaves its visible targets out."""
+    from train.validate import layer_kinds
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=257, dim=32, n_heads=4, n_kv_heads=2))
+
+    def evaluate(*overrides):
+        cfg = config(corpus, tmp_path, *overrides)
+        return Evaluator(cfg, layer_kinds(cfg.train, cfg.model.layer_masks, 2)).run(model)
+
+    plain, window = evaluate(), evaluate("train.mask=document+window", "train.window=8")
+    assert evaluate("model.layer_masks=[{window:8}]") == window != plain
+    mixed = evaluate("model.layer_masks=[{layers:[1],window:8}]")
+    assert mixed["eval/loss"] not in (plain["eval/loss"], window["eval/loss"])
+    prefix = evaluate("model.layer_masks=[{layers:[0],prefix:20}]")
+    assert torch.isnan(torch.tensor(prefix["eval/loss_by_pos/16"])) and prefix["eval/loss"] == prefix["eval/loss"]
+
+
 def test_eval_every_logs_and_plots_during_training(corpus, tmp_path):
     history = run(config(corpus, tmp_path, "train.steps=2", "eval.every=2", "optim.warmup_steps=1"))
     assert len(history) == 2
