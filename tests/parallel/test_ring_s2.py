@@ -1,0 +1,122 @@
+"""Ring attention under S2 head sparsity: each hop carries only the (row, KV head) entries
+some later query needs (`parallel.ring_wire`).  The needed entries equal the dense mask's
+(property test); on 2 and 4 ranks out, lse, dq, dk, dv equal single-process attention in
+float64 (GQA, dense heads, documents with prefix, sink and window); stats bytes equal the
+cost hook's formula, a closed form, and the bytes the ring really sends."""
+import torch
+from hypothesis import assume, given, settings, strategies as st
+
+import parallel
+import parallel.ring
+from kernels import HeadStride, MaskSpec
+from parallel.perf.cost import Layout, balancer_rows, bytes_sent
+from parallel.ring import RingPlan
+from parallel.ring_wire import block_need, seen_keys
+from tests.distributed import run_ranks
+from tests.kernels.cases import N_RANDOM as N, random_masks
+from tests.parallel.cases import DOC_LENS, check, inputs, reference
+
+T = 64
+S2 = HeadStride(block=4, local_blocks=2, vert_stride=2)
+
+
+@settings(max_examples=80, deadline=None)
+@given(random_masks(), st.integers(0, 10**6))
+def test_needed_entries_equal_the_dense_mask(case, seed):
+    """Entry (row k, head h) is needed exactly when some query of the set may see key k
+    under head h; heads are given by global index (a subset, as usp holds)."""
+    mask, args = case
+    assume(mask.heads is not None)
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randperm(N, generator=g)
+    q_pos, k_pos = pos[: N // 3].sort().values, pos[N // 3:].sort().values
+    heads = torch.randperm(args[-1] + 2, generator=g)[: args[-1]].sort().values
+    allowed = mask.allowed(q_pos, k_pos, kv_heads=heads)  # [Hkv, Tq, Tk]
+    want = allowed.any(1).t().flatten()
+    assert torch.equal(block_need(mask, seen_keys(mask, q_pos, N), k_pos, heads), want)
+
+
+def test_hops_only_drop_entries_and_accumulators_only_gain_them():
+    mask = MaskSpec.from_doc_lens(DOC_LENS, window=40, sink=2, heads=S2)
+    rows = [torch.as_tensor(r) for r in balancer_rows("headtail", T, 4, mask)]
+    plan = RingPlan.build(mask, rows, 0, range(4))
+    wire = plan.wire(2)
+    for j in range(4):
+        for t in range(1, plan.reach[j] + 1):
+            travel, grads = set(wire.travel[j, t].tolist()), set(wire.grads[j, t].tolist())
+            need = set(wire.need[j, t].nonzero().flatten().tolist())
+            assert need <= travel and need <= grads
+            if t < plan.reach[j]:
+                assert set(wire.travel[j, t + 1].tolist()) <= travel
+            if t > 1:
+                assert set(wire.grads[j, t - 1].tolist()) <= grads
+
+
+def masks() -> dict[str, MaskSpec]:
+    return {
+        "s2": MaskSpec(causal=True, heads=S2),
+        "s2-dense-head": MaskSpec(causal=True, heads=HeadStride(4, 1, 4, dense_heads=1)),
+        "s2+documents+prefix+sink+window": MaskSpec.from_doc_lens(DOC_LENS, window=24, prefix=[3, 9, 5, 2], sink=1,
+                                                                 heads=S2),
+    }
+
+
+def _record_sends(log):
+    """Wrap the ring's p2p so every tensor it sends is logged as (tag, bytes)."""
+    original = parallel.ring.p2p
+
+    def p2p(sends=(), recvs=()):
+        log.extend((tag, t.numel() * t.element_size()) for t, _, tag in sends)
+        return original(sends, recvs)
+
+    parallel.ring.p2p = p2p
+
+
+def _exact_and_bytes(rank, world, balancers):
+    log = []
+    _record_sends(log)
+    results = []
+    for name, mask in masks().items():
+        for hq, hkv in ((4, 2), (4, 4)):
+            q, k, v, dout = inputs(T, hq, hkv, seed=len(results))
+            want = reference(q, k, v, dout, mask)
+            for balancer in balancers:
+                for backend in ("reference", "cpu"):
+                    cp = parallel.build("ring", mask, T, balancer=balancer, backend=backend)
+                    ql, kl, vl = (cp.shard(x).clone().requires_grad_() for x in (q, k, v))
+                    log.clear()
+                    out, lse = cp.attention_with_lse(ql, kl, vl)
+                    sent_fwd = sum(b for _, b in log)
+                    out.backward(cp.shard(dout))
+                    sent_bwd = sum(b for _, b in log) - sent_fwd
+                    got = [cp.unshard(x) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
+                    lse_full = cp.unshard(lse.detach().t().contiguous()).t()
+                    label = f"ring/{balancer}/{name}/{hq}-{hkv}/{backend}"
+                    check(label, (got[0], lse_full, got[1], got[2], got[3]), want)
+                    stats = cp.stats
+                    assert stats.bytes_sent[rank] == sent_fwd, label
+                    assert stats.extra["bytes_bwd_sent"][rank] == sent_bwd, label
+                    lay = Layout(T, hq, hkv, 8, elem_bytes=8)
+                    formula = bytes_sent("ring", lay, world, mask=mask, rows=balancer_rows(balancer, T, world, mask))
+                    assert stats.bytes_sent == formula["fwd"] and stats.extra["bytes_bwd_sent"] == formula["bwd"]
+                    assert sum(stats.bytes_sent) == sum(stats.bytes_recv)
+                    results.append((label, stats.bytes_sent))
+    return results
+
+
+def test_two_ranks_exact_and_bytes_match_formula_and_wire():
+    results = run_ranks(_exact_and_bytes, 2, ["contiguous", "headtail"])[0]
+    assert len(results) == 3 * 2 * 2 * 2
+    # contiguous, causal S2 (block 4, band 2 blocks, stride 2), K/V heads 2, 32 rows each:
+    # rank 1 needs, of block 0's 8 S2 blocks, head 0 the even ones plus the band's block 7,
+    # head 1 the odd ones (7 included): 5 * 4 + 4 * 4 = 36 entries of the 64, each K and V
+    # of 8 float64 dims; the whole block would be 64 entries.
+    entry = 2 * 8 * 8
+    assert dict(results)["ring/contiguous/s2/4-2/cpu"] == [36 * entry, 0]
+
+
+def test_four_ranks_exact_and_bytes_match_formula_and_wire():
+    results = run_ranks(_exact_and_bytes, 4, ["headtail"])[0]
+    whole = 2 * 16 * 2 * 8 * 8  # one uncompacted block of 16 rows, 2 K/V heads
+    compact = dict(results)["ring/headtail/s2/4-2/cpu"]
+    assert all(0 < b < 3 * whole for b in compact)
