@@ -135,36 +135,63 @@ class WholeBlocks:
 
 
 class HeadRows(WholeBlocks):
-    """Masks with heads: hop t carries travel(j, t), accumulators grads(j, t) (module docstring)."""
+    """Masks with heads: hop t carries travel(j, t), accumulators grads(j, t) (module docstring).
+
+    Built from every entry's first and last hop (`first`, `last`: [L * Hkv] per block; an
+    entry is in travel(j, t) iff last >= t and in grads(j, t) iff first <= t), which each
+    ring position's `seen_keys` update once, so a plan costs O(P * seqlen) time and O(seqlen
+    * Hkv) memory; entry lists are formed only for the hops this rank takes part in."""
 
     def __init__(self, plan, mask, kv_heads: torch.Tensor):
         n, hkv = len(plan.peers), kv_heads.numel()
         super().__init__(plan, 0, kv_heads)
+        self.mask, self.hkv, self._calls, self._lists, self.mine = mask, hkv, {}, {}, None
         seqlen = max(int(p.max()) + 1 for p in plan.positions if p.numel())
-        seen = {}
-        self.need, self.travel, self.grads = {}, {}, {}
-        for j in range(n):
-            hops = range(1, plan.reach[j] + 1)
-            for t in hops:
-                r = (j + t) % n
-                if r not in seen:
-                    seen[r] = seen_keys(mask, plan.positions[r], seqlen)
-                self.need[j, t] = block_need(mask, seen[r], plan.positions[j], kv_heads)
-            after = torch.zeros(plan.positions[j].numel() * hkv, dtype=torch.bool)
-            for t in reversed(hops):
-                after = after | self.need[j, t]
-                self.travel[j, t] = after.nonzero().flatten()
-            before = torch.zeros_like(after)
-            for t in hops:
-                before = before | self.need[j, t]
-                self.grads[j, t] = before.nonzero().flatten()
-        self.hkv, self._calls = hkv, {}
+        keys = {j: [torch.zeros(p.numel(), dtype=torch.long), torch.zeros(p.numel(), dtype=torch.long),
+                    torch.full((p.numel(),), n), torch.full((p.numel(),), n)] for j, p in enumerate(plan.positions)}
+        for r in range(n):  # keys: last hop any head / every head sees a key, first hop (n: never)
+            held = [(j, (r - j) % n) for j in range(n) if 0 < (r - j) % n <= plan.reach[j]]
+            if not held:
+                continue
+            seen = seen_keys(mask, plan.positions[r], seqlen)
+            self.mine = seen if r == plan.rank else self.mine
+            for j, t in held:
+                pos = plan.positions[j]
+                for i, sees in enumerate(seen):
+                    keys[j][i] = torch.maximum(keys[j][i], sees[pos] * t)
+                    keys[j][2 + i] = torch.minimum(keys[j][2 + i], torch.where(sees[pos], t, n))
+        self.last, self.first, self.travel_sizes, self.grads_sizes = {}, {}, {}, {}
+        for j, (last_any, last_every, first_any, first_every) in keys.items():
+            head_sees = self._sees(j)
+            self.last[j] = torch.where(head_sees, last_any.view(-1, 1), last_every.view(-1, 1)).flatten()
+            self.first[j] = torch.where(head_sees, first_any.view(-1, 1), first_every.view(-1, 1)).flatten()
+            by_last = torch.bincount(self.last[j], minlength=n + 1)
+            by_first = torch.bincount(self.first[j], minlength=n + 1)
+            self.travel_sizes[j] = by_last.flip(0).cumsum(0).flip(0).tolist()  # [t]: entries with last >= t
+            self.grads_sizes[j] = by_first.cumsum(0).tolist()                   # [t]: entries with first <= t
+
+    def _sees(self, j: int) -> torch.Tensor:
+        """[L, Hkv]: head h sees row k of block j at any distance (dense or on its stride)."""
+        rel = self.mask.relative(self.plan.positions[j].to("cpu", torch.long))
+        return self.mask.heads.sees_block(self.kv_heads.view(1, -1), rel.view(-1, 1))
+
+    def travel(self, j: int, t: int) -> torch.Tensor:
+        """Entry numbers block j carries on hop t, ascending."""
+        if ("travel", j, t) not in self._lists:
+            self._lists["travel", j, t] = (self.last[j] >= t).nonzero().flatten()
+        return self._lists["travel", j, t]
+
+    def grads(self, j: int, t: int) -> torch.Tensor:
+        """Entry numbers of block j's dK/dV accumulator leaving hop t, ascending."""
+        if ("grads", j, t) not in self._lists:
+            self._lists["grads", j, t] = (self.first[j] <= t).nonzero().flatten()
+        return self._lists["grads", j, t]
 
     def entries(self, j: int, t: int) -> int:
-        return self.travel[j, t].numel()
+        return self.travel_sizes[j][t]
 
     def acc_entries(self, j: int, t: int) -> int:
-        return self.grads[j, t].numel()
+        return self.grads_sizes[j][t]
 
     def shape(self, kv, j, t):
         return (2, self.entries(j, t), kv.shape[-1])
@@ -174,12 +201,12 @@ class HeadRows(WholeBlocks):
 
     def onward(self, buf, j, t):
         if t == 0:
-            return buf.flatten(1, 2)[:, self.travel[j, 1]]
-        return buf[:, torch.searchsorted(self.travel[j, t], self.travel[j, t + 1])]
+            return buf.flatten(1, 2)[:, self.travel(j, 1)]
+        return buf[:, torch.searchsorted(self.travel(j, t), self.travel(j, t + 1))]
 
     def widen(self, acc, j, t):
         wide = acc.new_zeros((2, self.acc_entries(j, t), acc.shape[-1]))
-        wide[:, torch.searchsorted(self.grads[j, t], self.grads[j, t - 1])] = acc
+        wide[:, torch.searchsorted(self.grads(j, t), self.grads(j, t - 1))] = acc
         return wide
 
     def calls(self, j, t):
@@ -190,8 +217,9 @@ class HeadRows(WholeBlocks):
         return self._calls[j, t]
 
     def _head_calls(self, j: int, t: int) -> list[Call]:
-        """One call per run of KV heads that need the same rows of block j on hop t."""
-        need = self.need[j, t].view(-1, self.hkv)
+        """One call per run of KV heads that need the same rows of block j (this rank holds
+        it on hop t)."""
+        need = block_need(self.mask, self.mine, self.plan.positions[j], self.kv_heads).view(-1, self.hkv)
         calls, h0 = [], 0
         while h0 < self.hkv:
             h1 = h0 + 1
@@ -201,10 +229,10 @@ class HeadRows(WholeBlocks):
             if rows.numel():
                 entries = rows.view(-1, 1) * self.hkv + torch.arange(h0, h1).view(1, -1)
                 calls.append(Call(slice(h0, h1), self.kv_heads[h0:h1], self.plan.positions[j][rows],
-                                  torch.searchsorted(self.travel[j, t], entries),
-                                  torch.searchsorted(self.grads[j, t], entries)))
+                                  torch.searchsorted(self.travel(j, t), entries),
+                                  torch.searchsorted(self.grads(j, t), entries)))
             h0 = h1
         return calls
 
     def add_home(self, own, home, j):
-        own.flatten(1, 2).index_add_(1, self.grads[j, self.plan.reach[j]], home)
+        own.flatten(1, 2).index_add_(1, self.grads(j, self.plan.reach[j]), home)

@@ -36,20 +36,23 @@ def test_needed_entries_equal_the_dense_mask(case, seed):
     assert torch.equal(block_need(mask, seen_keys(mask, q_pos, N), k_pos, heads), want)
 
 
-def test_hops_only_drop_entries_and_accumulators_only_gain_them():
-    mask = MaskSpec.from_doc_lens(DOC_LENS, window=40, sink=2, heads=S2)
-    rows = [torch.as_tensor(r) for r in balancer_rows("headtail", T, 4, mask)]
-    plan = RingPlan.build(mask, rows, 0, range(4))
-    wire = plan.wire(2)
-    for j in range(4):
-        for t in range(1, plan.reach[j] + 1):
-            travel, grads = set(wire.travel[j, t].tolist()), set(wire.grads[j, t].tolist())
-            need = set(wire.need[j, t].nonzero().flatten().tolist())
-            assert need <= travel and need <= grads
-            if t < plan.reach[j]:
-                assert set(wire.travel[j, t + 1].tolist()) <= travel
-            if t > 1:
-                assert set(wire.grads[j, t - 1].tolist()) <= grads
+def test_hops_carry_what_this_and_later_holders_need():
+    """travel(j, t): entries some holder on hops t .. reach[j] needs; grads(j, t): entries
+    some holder on hops 1 .. t needs (brute force on the dense mask; K/V heads 1 and 2)."""
+    mask = MaskSpec.from_doc_lens(DOC_LENS, window=40, prefix=3, sink=2, heads=S2)
+    heads = torch.tensor([1, 2])
+    for balancer in ("headtail", "contiguous"):
+        rows = [torch.as_tensor(r) for r in balancer_rows(balancer, T, 4, mask)]
+        wire = RingPlan.build(mask, rows, 0, range(4)).wire(2, heads)
+        for j in range(4):
+            reach = wire.plan.reach[j]
+            need = [mask.allowed(rows[(j + t) % 4], rows[j], kv_heads=heads).any(1).t().flatten() for t in range(4)]
+            assert not any(n.any() for n in need[reach + 1:])
+            for t in range(1, reach + 1):
+                travel, grads = torch.stack(need[t:reach + 1]).any(0), torch.stack(need[1:t + 1]).any(0)
+                assert torch.equal(wire.travel(j, t), travel.nonzero().flatten())
+                assert torch.equal(wire.grads(j, t), grads.nonzero().flatten())
+                assert (wire.entries(j, t), wire.acc_entries(j, t)) == (int(travel.sum()), int(grads.sum()))
 
 
 def masks() -> dict[str, MaskSpec]:
