@@ -256,14 +256,12 @@ class Ring(ContextParallel):
         float32.  Every block needed everywhere: fwd (P-1) block, bwd (P-1)(block + acc).
         A mask with heads (S2) and `rows`: the same hops, each carrying only its entries
         (`parallel.ring_wire`: K and V of one row of one K/V head each, 2 D elem bytes)."""
-        if mask is not None and mask.heads is not None and rows is not None:
-            plan = RingPlan.build(mask, [torch.as_tensor(r) for r in rows], 0, list(range(world)))
-            wire = plan.wire(lay.hkv)
-        else:
-            if reach is None and mask is not None and rows is not None:
-                reach = ring_reach(mask, lay.seqlen, rows)
-            plan = RingPlan(0, list(range(world)), [], [], [world - 1] * world if reach is None else list(reach))
-            wire = WholeBlocks(plan, lay.seqlen // world * lay.hkv)
+        if reach is None and mask is not None and rows is not None:
+            reach = ring_reach(mask, lay.seqlen, rows)
+        positions = [] if rows is None else [torch.as_tensor(r) for r in rows]
+        plan = RingPlan(0, list(range(world)), positions, [], [world - 1] * world if reach is None else list(reach), mask)
+        compact = mask is not None and mask.heads is not None and rows is not None
+        wire = plan.wire(lay.hkv) if compact else WholeBlocks(plan, lay.seqlen // world * lay.hkv)
         entry, acc = 2 * lay.head_dim * lay.elem_bytes, 2 * lay.head_dim * lay.acc_bytes
         moved = [plan.traffic(r, wire) for r in range(world)]
         return {"fwd": [m["kv_out"] * entry for m in moved],

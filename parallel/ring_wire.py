@@ -59,12 +59,19 @@ def seen_keys(mask, q_pos: torch.Tensor, seqlen: int) -> tuple[torch.Tensor, tor
     return any_head, every_head
 
 
+def head_sees(mask, k_pos: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """BoolTensor [L, Hkv]: KV head heads[h] sees the key at k_pos[k] at any distance (a
+    dense head, or the key's block on its stride)."""
+    rel = mask.relative(k_pos.to("cpu", torch.long))
+    return mask.heads.sees_block(heads.view(1, -1), rel.view(-1, 1))
+
+
 def block_need(mask, seen: tuple[torch.Tensor, torch.Tensor], k_pos: torch.Tensor, heads: torch.Tensor):
     """BoolTensor [L * Hkv] in entry order: entries of the block at k_pos (KV heads `heads`,
     global indices) that the queries summarised by `seen` (`seen_keys`) need."""
     any_head, every_head = seen
     k_pos = k_pos.to("cpu", torch.long)
-    sees = mask.heads.sees_block(heads.view(1, -1), mask.relative(k_pos).view(-1, 1))
+    sees = head_sees(mask, k_pos, heads)
     return (every_head[k_pos].view(-1, 1) | (any_head[k_pos].view(-1, 1) & sees)).flatten()
 
 
@@ -139,41 +146,42 @@ class HeadRows(WholeBlocks):
 
     Built from every entry's first and last hop (`first`, `last`: [L * Hkv] per block; an
     entry is in travel(j, t) iff last >= t and in grads(j, t) iff first <= t), which each
-    ring position's `seen_keys` update once, so a plan costs O(P * seqlen) time and O(seqlen
-    * Hkv) memory; entry lists are formed only for the hops this rank takes part in."""
+    ring position's `seen_keys` update once over all keys, so a plan costs O(P * seqlen)
+    time and O(seqlen * Hkv) memory; entry lists are formed only for this rank's hops."""
 
     def __init__(self, plan, mask, kv_heads: torch.Tensor):
         n, hkv = len(plan.peers), kv_heads.numel()
         super().__init__(plan, 0, kv_heads)
         self.mask, self.hkv, self._calls, self._lists, self.mine = mask, hkv, {}, {}, None
-        seqlen = max(int(p.max()) + 1 for p in plan.positions if p.numel())
-        keys = {j: [torch.zeros(p.numel(), dtype=torch.long), torch.zeros(p.numel(), dtype=torch.long),
-                    torch.full((p.numel(),), n), torch.full((p.numel(),), n)] for j, p in enumerate(plan.positions)}
-        for r in range(n):  # keys: last hop any head / every head sees a key, first hop (n: never)
-            held = [(j, (r - j) % n) for j in range(n) if 0 < (r - j) % n <= plan.reach[j]]
-            if not held:
+        seqlen = sum(p.numel() for p in plan.positions)  # the positions partition 0..seqlen-1
+        owner = torch.empty(seqlen, dtype=torch.int32)  # int32: hop arithmetic is most of the cost
+        for j, p in enumerate(plan.positions):
+            owner[p.to("cpu", torch.long)] = j
+        reach = torch.tensor(plan.reach, dtype=torch.int32)[owner.long()]
+        # per key, for [any head, every head]: the last hop whose holder sees it (0: none)
+        # and the first (n: never)
+        last = torch.zeros(2, seqlen, dtype=torch.int32)
+        first = torch.full((2, seqlen), n, dtype=torch.int32)
+        for r in range(n):
+            hop = (r - owner) % n
+            held = (hop > 0) & (hop <= reach)
+            if not bool(held.any()):
                 continue
             seen = seen_keys(mask, plan.positions[r], seqlen)
             self.mine = seen if r == plan.rank else self.mine
-            for j, t in held:
-                pos = plan.positions[j]
-                for i, sees in enumerate(seen):
-                    keys[j][i] = torch.maximum(keys[j][i], sees[pos] * t)
-                    keys[j][2 + i] = torch.minimum(keys[j][2 + i], torch.where(sees[pos], t, n))
+            sees = torch.stack(seen) & held
+            torch.maximum(last, sees * hop, out=last)
+            torch.minimum(first, torch.where(sees, hop, n), out=first)
         self.last, self.first, self.travel_sizes, self.grads_sizes = {}, {}, {}, {}
-        for j, (last_any, last_every, first_any, first_every) in keys.items():
-            head_sees = self._sees(j)
-            self.last[j] = torch.where(head_sees, last_any.view(-1, 1), last_every.view(-1, 1)).flatten()
-            self.first[j] = torch.where(head_sees, first_any.view(-1, 1), first_every.view(-1, 1)).flatten()
-            by_last = torch.bincount(self.last[j], minlength=n + 1)
-            by_first = torch.bincount(self.first[j], minlength=n + 1)
+        for j in range(n):
+            pos = plan.positions[j].to("cpu", torch.long)
+            sees = head_sees(mask, pos, kv_heads)
+            self.last[j] = torch.where(sees, last[0, pos].view(-1, 1), last[1, pos].view(-1, 1)).flatten()
+            self.first[j] = torch.where(sees, first[0, pos].view(-1, 1), first[1, pos].view(-1, 1)).flatten()
+            by_last = torch.bincount(self.last[j].long(), minlength=n + 1)
+            by_first = torch.bincount(self.first[j].long(), minlength=n + 1)
             self.travel_sizes[j] = by_last.flip(0).cumsum(0).flip(0).tolist()  # [t]: entries with last >= t
             self.grads_sizes[j] = by_first.cumsum(0).tolist()                   # [t]: entries with first <= t
-
-    def _sees(self, j: int) -> torch.Tensor:
-        """[L, Hkv]: head h sees row k of block j at any distance (dense or on its stride)."""
-        rel = self.mask.relative(self.plan.positions[j].to("cpu", torch.long))
-        return self.mask.heads.sees_block(self.kv_heads.view(1, -1), rel.view(-1, 1))
 
     def travel(self, j: int, t: int) -> torch.Tensor:
         """Entry numbers block j carries on hop t, ascending."""
