@@ -15,7 +15,6 @@ strategy, and the stats bytes beside the hook's.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -111,22 +110,18 @@ def run(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["bytes", "run"])
-    p.add_argument("--seqlen", type=int, default=65536)
-    p.add_argument("--world", type=int, default=4, help="bytes mode (run mode: the torchrun world)")
+    ints = {"seqlen": 65536, "world": 4, "head-dim": 64, "block": 64, "local-blocks": 16, "vert-stride": 8,
+            "window": 4096, "sink": 4, "warmup": 1, "repeats": 3}
+    for name, default in ints.items():  # --world: bytes mode (run mode: the torchrun world)
+        p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--heads", type=int, nargs=2, default=[8, 8], metavar=("HQ", "HKV"))
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--block", type=int, default=64)
-    p.add_argument("--local-blocks", type=int, default=16)
-    p.add_argument("--vert-stride", type=int, default=8)
-    p.add_argument("--window", type=int, default=4096)
-    p.add_argument("--sink", type=int, default=4)
     p.add_argument("--masks", nargs="+", default=["causal", "s2"], choices=["causal", "s2", "window", "window+sink"])
     p.add_argument("--strategies", nargs="+", default=["ring"])
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    show_bytes(args) if args.mode == "bytes" else run(args)
+    if args.mode == "bytes":
+        show_bytes(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":
