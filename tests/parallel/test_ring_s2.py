@@ -75,51 +75,71 @@ def _record_sends(log):
     parallel.ring.p2p = p2p
 
 
-def _exact_and_bytes(rank, world, balancers):
+def _exact_and_bytes(rank, world, balancers, cases):
     log = []
     _record_sends(log)
     results = []
     for name, mask in masks().items():
-        for hq, hkv in ((4, 2), (4, 4)):
+        for hq, hkv, backend in cases:
             q, k, v, dout = inputs(T, hq, hkv, seed=len(results))
             want = reference(q, k, v, dout, mask)
             for balancer in balancers:
-                for backend in ("reference", "cpu"):
-                    cp = parallel.build("ring", mask, T, balancer=balancer, backend=backend)
-                    ql, kl, vl = (cp.shard(x).clone().requires_grad_() for x in (q, k, v))
-                    log.clear()
-                    out, lse = cp.attention_with_lse(ql, kl, vl)
-                    sent_fwd = sum(b for _, b in log)
-                    out.backward(cp.shard(dout))
-                    sent_bwd = sum(b for _, b in log) - sent_fwd
-                    got = [cp.unshard(x) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
-                    lse_full = cp.unshard(lse.detach().t().contiguous()).t()
-                    label = f"ring/{balancer}/{name}/{hq}-{hkv}/{backend}"
-                    check(label, (got[0], lse_full, got[1], got[2], got[3]), want)
-                    stats = cp.stats
-                    assert stats.bytes_sent[rank] == sent_fwd, label
-                    assert stats.extra["bytes_bwd_sent"][rank] == sent_bwd, label
-                    lay = Layout(T, hq, hkv, 8, elem_bytes=8)
-                    formula = bytes_sent("ring", lay, world, mask=mask, rows=balancer_rows(balancer, T, world, mask))
-                    assert stats.bytes_sent == formula["fwd"] and stats.extra["bytes_bwd_sent"] == formula["bwd"]
-                    assert sum(stats.bytes_sent) == sum(stats.bytes_recv)
-                    results.append((label, stats.bytes_sent))
+                cp = parallel.build("ring", mask, T, balancer=balancer, backend=backend)
+                ql, kl, vl = (cp.shard(x).clone().requires_grad_() for x in (q, k, v))
+                log.clear()
+                out, lse = cp.attention_with_lse(ql, kl, vl)
+                sent_fwd = sum(b for _, b in log)
+                out.backward(cp.shard(dout))
+                sent_bwd = sum(b for _, b in log) - sent_fwd
+                got = [cp.unshard(x) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
+                lse_full = cp.unshard(lse.detach().t().contiguous()).t()
+                label = f"ring/{balancer}/{name}/{hq}-{hkv}/{backend}"
+                check(label, (got[0], lse_full, got[1], got[2], got[3]), want)
+                stats = cp.stats
+                assert stats.bytes_sent[rank] == sent_fwd, label
+                assert stats.extra["bytes_bwd_sent"][rank] == sent_bwd, label
+                lay = Layout(T, hq, hkv, 8, elem_bytes=8)
+                formula = bytes_sent("ring", lay, world, mask=mask, rows=balancer_rows(balancer, T, world, mask))
+                assert stats.bytes_sent == formula["fwd"] and stats.extra["bytes_bwd_sent"] == formula["bwd"]
+                assert sum(stats.bytes_sent) == sum(stats.bytes_recv)
+                results.append((label, stats.bytes_sent))
     return results
 
 
+ENTRY = 2 * 8 * 8  # K and V of one row of one K/V head: 8 float64 dims each
+
+
+def entries_sent(mask, rows, num_kv_heads):
+    """Forward entries each ring position sends, from the dense mask alone: block j leaves
+    hop t (position j + t) when a later hop needs some of it, carrying what those need."""
+    n, heads = len(rows), torch.arange(num_kv_heads)
+    sent = [0] * n
+    for j in range(n):
+        need = [mask.allowed(rows[(j + t) % n], rows[j], kv_heads=heads).any(1) for t in range(n)]
+        for t in range(n - 1):
+            sent[(j + t) % n] += int(torch.stack(need[t + 1:]).any(0).sum())
+    return sent
+
+
 def test_two_ranks_exact_and_bytes_match_formula_and_wire():
-    results = run_ranks(_exact_and_bytes, 2, ["contiguous", "headtail"])[0]
-    assert len(results) == 3 * 2 * 2 * 2
+    cases = [(4, 2, "reference"), (4, 2, "cpu"), (4, 4, "reference"), (4, 4, "cpu")]
+    results = run_ranks(_exact_and_bytes, 2, ["contiguous", "headtail"], cases)[0]
+    assert len(results) == 3 * 4 * 2
     # contiguous, causal S2 (block 4, band 2 blocks, stride 2), K/V heads 2, 32 rows each:
     # rank 1 needs, of block 0's 8 S2 blocks, head 0 the even ones plus the band's block 7,
-    # head 1 the odd ones (7 included): 5 * 4 + 4 * 4 = 36 entries of the 64, each K and V
-    # of 8 float64 dims; the whole block would be 64 entries.
-    entry = 2 * 8 * 8
-    assert dict(results)["ring/contiguous/s2/4-2/cpu"] == [36 * entry, 0]
+    # head 1 the odd ones (7 included): 5 * 4 + 4 * 4 = 36 entries of the 64 a whole block has
+    assert dict(results)["ring/contiguous/s2/4-2/cpu"] == [36 * ENTRY, 0]
 
 
 def test_four_ranks_exact_and_bytes_match_formula_and_wire():
-    results = run_ranks(_exact_and_bytes, 4, ["headtail"])[0]
-    whole = 2 * 16 * 2 * 8 * 8  # one uncompacted block of 16 rows, 2 K/V heads
-    compact = dict(results)["ring/headtail/s2/4-2/cpu"]
-    assert all(0 < b < 3 * whole for b in compact)
+    results = dict(run_ranks(_exact_and_bytes, 4, ["headtail"], [(4, 2, "cpu"), (8, 4, "reference")])[0])
+    assert len(results) == 3 * 2
+    for name, mask in masks().items():
+        rows = [torch.as_tensor(r) for r in balancer_rows("headtail", T, 4, mask)]
+        for hq, hkv, backend in ((4, 2, "cpu"), (8, 4, "reference")):
+            want = [e * ENTRY for e in entries_sent(mask, rows, hkv)]
+            assert results[f"ring/headtail/{name}/{hq}-{hkv}/{backend}"] == want, name
+    # dense causal headtail: every rank passes 3 whole blocks of 16 rows x 2 K/V heads
+    dense = bytes_sent("ring", Layout(T, 4, 2, 8, elem_bytes=8), 4)["fwd"]
+    assert dense == [3 * 16 * 2 * ENTRY] * 4
+    assert all(s2 < d for s2, d in zip(results["ring/headtail/s2/4-2/cpu"], dense))
