@@ -1,11 +1,13 @@
 """Ring attention under S2 head sparsity: each hop carries only the (row, KV head) entries
 some later query needs (`parallel.ring_wire`).  The needed entries equal the dense mask's
 (property test); on 2 and 4 ranks out, lse, dq, dk, dv equal single-process attention in
-float64 (GQA, dense heads, documents with prefix, sink and window); stats bytes equal the
-cost hook's formula, a closed form, and the bytes the ring really sends."""
+float64, through out and lse (GQA, dense heads, documents with prefix, sink and window);
+stats bytes equal the cost hook's formula, entries counted on the dense mask, a closed
+form, and the bytes the ring really sends."""
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
+import kernels
 import parallel
 import parallel.ring
 from kernels import HeadStride, MaskSpec
@@ -14,7 +16,7 @@ from parallel.ring import RingPlan
 from parallel.ring_wire import block_need, seen_keys
 from tests.distributed import run_ranks
 from tests.kernels.cases import N_RANDOM as N, random_masks
-from tests.parallel.cases import DOC_LENS, check, inputs, reference
+from tests.parallel.cases import DOC_LENS, check, inputs
 
 T = 64
 S2 = HeadStride(block=4, local_blocks=2, vert_stride=2)
@@ -75,6 +77,15 @@ def _record_sends(log):
     parallel.ring.p2p = p2p
 
 
+def reference_with_lse(q, k, v, dout, dlse, mask):
+    """Single-process out, lse and the gradients of a loss through both (every row of these
+    masks sees itself, so lse is finite)."""
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = kernels.attention(q, k, v, mask, backend="reference")
+    ((out * dout).sum() + (lse * dlse).sum()).backward()
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
 def _exact_and_bytes(rank, world, balancers, cases):
     log = []
     _record_sends(log)
@@ -82,14 +93,15 @@ def _exact_and_bytes(rank, world, balancers, cases):
     for name, mask in masks().items():
         for hq, hkv, backend in cases:
             q, k, v, dout = inputs(T, hq, hkv, seed=len(results))
-            want = reference(q, k, v, dout, mask)
+            dlse = torch.randn(hq, T, generator=torch.Generator().manual_seed(len(results)), dtype=torch.float64)
+            want = reference_with_lse(q, k, v, dout, dlse, mask)
             for balancer in balancers:
                 cp = parallel.build("ring", mask, T, balancer=balancer, backend=backend)
                 ql, kl, vl = (cp.shard(x).clone().requires_grad_() for x in (q, k, v))
                 log.clear()
                 out, lse = cp.attention_with_lse(ql, kl, vl)
                 sent_fwd = sum(b for _, b in log)
-                out.backward(cp.shard(dout))
+                ((out * cp.shard(dout)).sum() + (lse * dlse[:, cp.positions]).sum()).backward()
                 sent_bwd = sum(b for _, b in log) - sent_fwd
                 got = [cp.unshard(x) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
                 lse_full = cp.unshard(lse.detach().t().contiguous()).t()
