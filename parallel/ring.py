@@ -88,11 +88,11 @@ class RingPlan:
         return moved
 
 
-def _buffer(spare, shape, like, dtype=None):
+def _buffer(spare, shape, like):
     """A receive buffer of `shape`: the spare one when it fits, else a new one."""
     if spare is not None and tuple(spare.shape) == tuple(shape):
         return spare
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def _q_heads(call, q, kv):
