@@ -43,22 +43,23 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class Pending:
-    """Requests of one posted batch; `wait()` blocks until all completed."""
+    """Requests of one posted batch; `wait()` blocks until all completed.  Holds the tensors
+    sent until then (a sender may post a temporary, e.g. a compacted ring block)."""
 
-    def __init__(self, reqs):
-        self.reqs = reqs
+    def __init__(self, reqs, tensors=()):
+        self.reqs, self.tensors = reqs, list(tensors)
 
     def wait(self) -> None:
         for r in self.reqs:
             r.wait()
-        self.reqs = []
+        self.reqs, self.tensors = [], []
 
 
 def p2p(sends=(), recvs=()) -> Pending:
     """Post (tensor, global_peer, tag) sends and receives together, non-blocking."""
     ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, peer, tag in sends]
     ops += [dist.P2POp(dist.irecv, t, peer, tag=tag) for t, peer, tag in recvs]
-    return Pending(dist.batch_isend_irecv(ops) if ops else [])
+    return Pending(dist.batch_isend_irecv(ops) if ops else [], [t for t, _, _ in sends])
 
 
 # newer torch names them *_single (the *_tensor names are deprecated there); older has only those
