@@ -68,8 +68,8 @@ def predicted_time(strategy, balancer, options, mask, seqlen, world, lay: Layout
     if lay.hq % strategy_class(strategy).head_split(world, options):
         return float("inf")  # heads cannot be split that way
     # a tile-based kernel (cpu) is also priced by how each strategy cuts its calls, where it says
-    cut = kernel_rows(strategy, mask, seqlen, rows, heads=(lay.hq, lay.hkv), **options) if hw.tiled and has_hook(strategy, "cost_kernel_cut") \
-        else None
+    tiled = hw.tiled and has_hook(strategy, "cost_kernel_cut")
+    cut = kernel_rows(strategy, mask, seqlen, rows, heads=(lay.hq, lay.hkv), **options) if tiled else None
     return predict(strategy, pairs, lay, hw, kernel_rows=cut, **options)["total_s"]
 
 

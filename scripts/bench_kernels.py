@@ -62,7 +62,8 @@ def raw_op(q, k, v, dout):
     _bwd(bh(dout), bh(q), bh(k), bh(v), out, lse, 0.0, True)
 
 
-def interleaved(variants: dict, inputs, repeats: int, warmup: int, clock, first: dict | None = None) -> dict[str, float]:
+def interleaved(variants: dict, inputs, repeats: int, warmup: int, clock,
+                first: dict | None = None) -> dict[str, float]:
     """Median seconds per fwd+bwd of each variant, timed round-robin after `warmup` rounds
     (`first`, when given, gets each variant's first round: it plans the tiles, later rounds
     reuse the plans as a model's layers do)."""

@@ -110,13 +110,18 @@ def head_keys(mask, seqlen: int, num_kv_heads: int) -> np.ndarray:
     per_residue = {}
     out = np.empty((num_kv_heads, seqlen), dtype=np.int64)
     for h in range(num_kv_heads):
-        kind = -1 if h < hs.dense_heads else h % hs.vert_stride
+        kind = _head_class(hs, h)
         if kind not in per_residue:
             seen = (lambda a, b: np.maximum(b - a + 1, 0)) if kind == -1 else \
                 (lambda a, b, h=h: _head_seen(hs, h, a - start, b - start, band))
             per_residue[kind] = (b_hi - b_lo + 1) + seen(l_lo, l_hi) - seen(x_lo, x_hi)
         out[h] = per_residue[kind]
     return out
+
+
+def _head_class(hs, h: int) -> int:
+    """Heads of one class see the same keys: -1 for the dense heads, else h % vert_stride."""
+    return -1 if h < hs.dense_heads else h % hs.vert_stride
 
 
 def _head_seen(hs, h: int, lo: np.ndarray, hi: np.ndarray, band: np.ndarray) -> np.ndarray:
@@ -238,7 +243,7 @@ def tile_cut(mask, q, k, num_kv_heads: int | None = None, kv_heads=None) -> tupl
     heads = mask.kv_heads_for(num_kv_heads, kv_heads)
     per_class, total = {}, np.zeros(3)
     for h in heads.tolist():
-        kind = -1 if h < mask.heads.dense_heads else h % mask.heads.vert_stride
+        kind = _head_class(mask.heads, h)
         if kind not in per_class:
             parts = units(mask, k, 1, [h])
             per_class[kind] = _unit_cut(mask, q, [(k if u.keys is None else k[u.keys], u.head) for u in parts])
