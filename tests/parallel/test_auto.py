@@ -134,3 +134,14 @@ def test_missing_profile_names_the_file():
         Auto(MaskSpec(causal=True), 64, num_heads=4, num_kv_heads=4, head_dim=8, hardware="nowhere/cpu.json")
     assert "nowhere/cpu.json" in str(err.value) and "{hw}" not in str(err.value)
     assert "--save nowhere/cpu.json" in str(err.value)
+
+
+def test_window_predictions_order_strategies_as_measured():
+    """2 ranks, 16K, window 4096, 8/8 heads, cpu profile: four measured runs (BENCHMARKS.md,
+    "parallel=auto on window masks") put ulysses first, ring/contiguous next and all-gather
+    after it by CPU time; the model orders them the same way, so auto picks ulysses."""
+    mask, seqlen, world = MaskSpec(causal=True, window=4096), 16384, 2
+    lay = Layout(seqlen, 8, 8, 64)
+    scored = {(s, b): predicted_time(s, b, o, mask, seqlen, world, lay, CPU)
+              for s, b, o in candidates(["ring", "allgather", "ulysses"], world, mask, lay)}
+    assert scored[("ulysses", None)] < scored[("ring", "contiguous")] < scored[("allgather", None)]
