@@ -86,9 +86,36 @@ def units(mask: MaskSpec, k_pos: torch.Tensor, num_kv_heads: int, kv_heads) -> l
     return out
 
 
+class _Recent(NamedTuple):
+    mask: MaskSpec
+    head: int | None
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    tiles: Plan
+
+
+_RECENT: list[_Recent] = []  # the last plans made, newest last: backward reuses forward's
+_KEEP = 64                   # (16 units of an 8-head S2 call; a few ring steps of them)
+
+
 def plan(mask: MaskSpec, q_pos: torch.Tensor, k_pos: torch.Tensor, head: int | None = None) -> Plan:
     """The computed tiles; every allowed (query, key) pair lies in exactly one of them.
-    `head`: the global KV head whose tiles these are (masks with `heads`)."""
+    `head`: the global KV head whose tiles these are (masks with `heads`).  A pure function
+    of its arguments, so the last `_KEEP` plans are kept (compared by the mask object and
+    equal positions) and the backward of a call does not plan again."""
+    q_pos, k_pos = q_pos.to("cpu", torch.long), k_pos.to("cpu", torch.long)
+    for n, e in enumerate(_RECENT):
+        if e.mask is mask and e.head == head and e.q_pos.shape == q_pos.shape and e.k_pos.shape == k_pos.shape \
+                and torch.equal(e.q_pos, q_pos) and torch.equal(e.k_pos, k_pos):
+            _RECENT.append(_RECENT.pop(n))
+            return e.tiles
+    tiles = _make_plan(mask, q_pos, k_pos, head)
+    _RECENT.append(_Recent(mask, head, q_pos.clone(), k_pos.clone(), tiles))
+    del _RECENT[:-_KEEP]
+    return tiles
+
+
+def _make_plan(mask: MaskSpec, q_pos: torch.Tensor, k_pos: torch.Tensor, head: int | None) -> Plan:
     qi, ki = RowInfo.of(mask, q_pos), RowInfo.of(mask, k_pos, head)
     tiles = Plan()
     min_run = MIN_RUN if mask.heads is None else TILE  # compacted keys: runs of one S2 block

@@ -137,10 +137,10 @@ class AllGather(ContextParallel):
         return {"fwd": [(world - 1) * m["kv"]] * world, "bwd": [(world - 1) * (m["kv"] + m["kva"])] * world}
 
     @classmethod
-    def cost_kernel_cut(cls, mask, seqlen, rows, **_):
-        """The rank's rows against the gathered keys in ascending order."""
+    def cost_kernel_cut(cls, mask, seqlen, rows, num_kv_heads=None, **_):
+        """The rank's rows against the gathered keys in ascending order, every KV head."""
         everything = torch.arange(seqlen)
-        return [tile_cut(mask, q, everything) for q in rows]
+        return [tile_cut(mask, q, everything, num_kv_heads) for q in rows]
 
     @classmethod
     def cost_memory(cls, lay, world, *, kv_head_groups: int = 1, **_):

@@ -64,12 +64,12 @@ def candidates(names, world: int, mask, lay: Layout, balancer=None) -> list[tupl
 
 def predicted_time(strategy, balancer, options, mask, seqlen, world, lay: Layout, hw: Hardware) -> float:
     rows = [r.numpy() for r in balance.assign(balancer, seqlen, world, mask)]
-    pairs = pairs_per_rank(mask_keys(mask, seqlen), rows)
+    pairs = pairs_per_rank(mask_keys(mask, seqlen, lay.hkv), rows)
     if lay.hq % strategy_class(strategy).head_split(world, options):
         return float("inf")  # heads cannot be split that way
     # a tile-based kernel (cpu) is also priced by how each strategy cuts its calls, where it says
-    cut = kernel_rows(strategy, mask, seqlen, rows, **options) if hw.tiled and has_hook(strategy, "cost_kernel_cut") \
-        else None
+    tiled = hw.tiled and has_hook(strategy, "cost_kernel_cut")
+    cut = kernel_rows(strategy, mask, seqlen, rows, heads=(lay.hq, lay.hkv), **options) if tiled else None
     return predict(strategy, pairs, lay, hw, kernel_rows=cut, **options)["total_s"]
 
 
@@ -86,9 +86,12 @@ _MAX_DECISIONS = 4096
 
 
 def decide(names, world: int, mask, seqlen: int, lay: Layout, hw: Hardware, balancer=None):
-    """(scored candidates, the fastest, whether this key is new) for this mask kind, seqlen,
-    world, layout, hardware and document-length histogram; the search runs once per key."""
-    key = (tuple(names), world, bool(mask.is_causal), mask.window, doc_histogram(mask), seqlen, lay, hw, balancer)
+    """(scored candidates, the fastest, whether this key is new) for this mask kind (causal,
+    window, prefix, sink, S2 heads), seqlen, world, layout, hardware and document-length
+    histogram; the search runs once per key."""
+    prefix = tuple(mask.prefix) if isinstance(mask.prefix, list) else mask.prefix
+    key = (tuple(names), world, bool(mask.is_causal), mask.window, prefix, mask.sink, mask.heads, doc_histogram(mask),
+           seqlen, lay, hw, balancer)
     new = key not in _DECISIONS
     if new:
         scored = [(predicted_time(strategy, bal, extra, mask, seqlen, world, lay, hw), strategy, bal, extra)

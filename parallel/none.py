@@ -33,8 +33,8 @@ class NoCP(ContextParallel):
         return {"fwd": [0] * world, "bwd": [0] * world}
 
     @classmethod
-    def cost_kernel_cut(cls, mask, seqlen, rows, **_):
-        return whole_cut(mask, seqlen, len(rows))
+    def cost_kernel_cut(cls, mask, seqlen, rows, num_kv_heads=None, **_):
+        return whole_cut(mask, seqlen, len(rows), num_kv_heads)
 
     @classmethod
     def cost_memory(cls, lay, world, **_):

@@ -151,9 +151,15 @@ class Ulysses(ContextParallel):
         return {"fwd": [one_way] * world, "bwd": [one_way] * world}
 
     @classmethod
-    def cost_kernel_cut(cls, mask, seqlen, rows, **_):
-        """The whole sequence in ascending order, for the rank's share of the heads."""
-        return whole_cut(mask, seqlen, len(rows))
+    def cost_kernel_cut(cls, mask, seqlen, rows, num_heads=None, num_kv_heads=None, **_):
+        """The whole sequence in ascending order, for the rank's share of the heads (S2 masks:
+        each rank's own KV heads, as `HeadExchange.kv_heads` hands them to the kernel)."""
+        world = len(rows)
+        if mask.heads is None or num_kv_heads is None:
+            return whole_cut(mask, seqlen, world, num_kv_heads)
+        heads = [HeadExchange(range(world), r, None).kv_heads(num_heads or num_kv_heads, num_kv_heads)
+                 for r in range(world)]
+        return whole_cut(mask, seqlen, world, head_sets=heads)
 
     @classmethod
     def cost_memory(cls, lay, world, **_):

@@ -111,11 +111,15 @@ class USP(ContextParallel):
         return {k: [uly[k][0] + ring[k][0]] * world for k in ("fwd", "bwd")}
 
     @classmethod
-    def cost_kernel_cut(cls, mask, seqlen, rows, *, ulysses_degree=None, **_):
-        """The rank's group's rows against every group's rows, one call per ring step."""
+    def cost_kernel_cut(cls, mask, seqlen, rows, *, ulysses_degree=None, num_heads=None, num_kv_heads=None, **_):
+        """The rank's group's rows against every group's rows, one call per ring step, for
+        the KV heads of its place in the Ulysses group (S2 masks)."""
         u, world = ulysses_degree or 1, len(rows)
         groups = [torch.cat(rows[g * u:(g + 1) * u]).sort().values for g in range(world // u)]
-        return [steps_cut(mask, groups[r // u], groups) for r in range(world)]
+        if mask.heads is None or num_kv_heads is None:
+            return [steps_cut(mask, groups[r // u], groups, num_kv_heads) for r in range(world)]
+        heads = [HeadExchange(range(u), i, None).kv_heads(num_heads or num_kv_heads, num_kv_heads) for i in range(u)]
+        return [steps_cut(mask, groups[r // u], groups, kv_heads=heads[r % u]) for r in range(world)]
 
     @classmethod
     def cost_memory(cls, lay, world, *, ulysses_degree=None, **_):

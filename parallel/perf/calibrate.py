@@ -34,7 +34,7 @@ def _kernel_rows(r: dict, strategy: str = "none", balancer=None, **options) -> d
     """cpu-backend diagonal / split / masked rows per rank of a record's shape under `strategy` / `balancer`."""
     mask = make_mask(r)
     rows = balancer_rows(balancer, r["seqlen"], r["world"], mask)
-    return kernel_rows(strategy, mask, r["seqlen"], rows, **options)
+    return kernel_rows(strategy, mask, r["seqlen"], rows, heads=(r["hq"], r["hkv"]), **options)
 
 
 def _fit(xs: list[list[float]], ys: list[float]) -> list[float]:

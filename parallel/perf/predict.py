@@ -102,12 +102,12 @@ def compare_strategies(mask, lay: Layout, world: int, hw: Hardware) -> list[dict
     the strategy has those models), predicted seconds and efficiency against one device
     (the `none` strategy on the whole sequence)."""
     def cut(name, rows, options):  # profiles of a tile-based kernel (cpu) price its cuts
-        return kernel_rows(name, mask, lay.seqlen, rows, **options) \
+        return kernel_rows(name, mask, lay.seqlen, rows, heads=(lay.hq, lay.hkv), **options) \
             if hw.tiled and has_hook(name, "cost_kernel_cut") else None
 
-    keys = mask_keys(mask, lay.seqlen)
+    keys = mask_keys(mask, lay.seqlen, lay.hkv)
     whole = balancer_rows("contiguous", lay.seqlen, 1, mask)
-    one = predict("none", [int(keys.sum())], lay, hw, kernel_rows=cut("none", whole, {}))["total_s"]
+    one = predict("none", [keys.sum().item()], lay, hw, kernel_rows=cut("none", whole, {}))["total_s"]
     out = []
     for name in STRATEGIES:
         if name == "none" or not has_hook(name, "cost_time"):

@@ -112,8 +112,21 @@ def test_decision_is_cached_per_shape_and_document_histogram(caplog, monkeypatch
         Auto(MaskSpec.from_doc_lens([60, 4], causal=True), 64, **opts)   # another histogram
         Auto(MaskSpec(causal=True), 64, **opts)                          # no documents
         Auto(MaskSpec(causal=True, window=8), 64, **opts)                # another mask kind
+        Auto(MaskSpec(causal=True, window=8, sink=2), 64, **opts)        # + sinks
+        Auto(MaskSpec(causal=True, prefix=16), 64, **opts)               # a prefix
+        Auto(MaskSpec(causal=True, heads=kernels.HeadStride(4, 2, 2)), 64, **opts)  # S2 heads
     chose = [r for r in caplog.records if "parallel=auto chose" in r.getMessage()]
-    assert first == 3 and len(searched) == 4 * first and len(chose) == 4
+    assert first == 3 and len(searched) == 7 * first and len(chose) == 7
+
+
+def test_s2_is_priced_per_head():
+    """An S2 layout computes a fraction of causal's pairs on every head, and auto prices that:
+    each candidate predicts less time than on the dense causal mask of the same shape."""
+    seqlen, world, lay = 4096, 2, Layout(4096, 8, 8, 64)
+    s2 = MaskSpec(causal=True, heads=kernels.HeadStride(64, 4, 8))
+    for s, b, o in candidates(["ring", "allgather", "ulysses"], world, s2, lay):
+        dense = predicted_time(s, b, o, MaskSpec(causal=True), seqlen, world, lay, CPU)
+        assert predicted_time(s, b, o, s2, seqlen, world, lay, CPU) < 0.6 * dense, s
 
 
 def test_missing_profile_names_the_file():
@@ -121,3 +134,14 @@ def test_missing_profile_names_the_file():
         Auto(MaskSpec(causal=True), 64, num_heads=4, num_kv_heads=4, head_dim=8, hardware="nowhere/cpu.json")
     assert "nowhere/cpu.json" in str(err.value) and "{hw}" not in str(err.value)
     assert "--save nowhere/cpu.json" in str(err.value)
+
+
+def test_window_predictions_order_strategies_as_measured():
+    """2 ranks, 16K, window 4096, 8/8 heads, cpu profile: four measured runs (BENCHMARKS.md,
+    "parallel=auto on window masks") put ulysses first, ring/contiguous next and all-gather
+    after it by CPU time; the model orders them the same way, so auto picks ulysses."""
+    mask, seqlen, world = MaskSpec(causal=True, window=4096), 16384, 2
+    lay = Layout(seqlen, 8, 8, 64)
+    scored = {(s, b): predicted_time(s, b, o, mask, seqlen, world, lay, CPU)
+              for s, b, o in candidates(["ring", "allgather", "ulysses"], world, mask, lay)}
+    assert scored[("ulysses", None)] < scored[("ring", "contiguous")] < scored[("allgather", None)]

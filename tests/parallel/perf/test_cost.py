@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import MaskSpec
+from kernels import HeadStride, MaskSpec
 from parallel.balance import imbalance
 from parallel.perf.cost import (
     Layout, balancer_rows, bytes_sent, keys_per_query, mask_keys, memory_per_rank, pairs_per_rank, ring_reach,
@@ -19,6 +19,14 @@ MASKS = [
     MaskSpec.from_doc_lens([5, 11, 3, 13], causal=False),
     MaskSpec(causal=True, window=6),
     MaskSpec.from_doc_lens([9, 7, 16], causal=True, window=4),
+    MaskSpec.from_doc_lens([9, 7, 16], causal=True, prefix=[3, 7, 0], sink=2),
+    MaskSpec(causal=True, window=5, sink=3),
+]
+S2_MASKS = [  # 4 KV heads; stride 3 with one dense head, or stride 4 over four sparse heads
+    MaskSpec(causal=True, heads=HeadStride(4, 2, 4)),
+    MaskSpec.from_doc_lens([10, 30, 24], window=12, prefix=4, sink=1, heads=HeadStride(4, 2, 4)),
+    MaskSpec.from_doc_lens([10, 30, 24], causal=False, heads=HeadStride(4, 1, 3, dense_heads=1)),
+    MaskSpec.from_doc_lens([10, 30, 24], causal=True, prefix=[3, 7, 0], heads=HeadStride(2, 3, 3, dense_heads=1)),
 ]
 
 
@@ -35,6 +43,38 @@ def test_pairs_per_rank_equal_mask_pairs(mask, balancer, world):
     assert pairs_per_rank(keys, rows) == expect
     plan = RingPlan.build(mask, [torch.as_tensor(r) for r in rows], 0, list(range(world)))
     assert ring_reach(mask, seqlen, rows) == plan.reach
+
+
+@pytest.mark.parametrize("mask", S2_MASKS, ids=lambda m: m.describe())
+@pytest.mark.parametrize("balancer", ["contiguous", "headtail", "per_doc"])
+def test_s2_pairs_per_rank_count_each_heads_own_pairs(mask, balancer):
+    """Per KV head, by brute force over MaskSpec.allowed: the priced pairs are the mean over
+    the heads (units of all heads), and without a head count the union some head sees."""
+    seqlen, hkv, every = 64, 4, torch.arange(64)
+    rows = balancer_rows(balancer, seqlen, 2, mask)
+    per_head = [int(mask.allowed(torch.as_tensor(r), every, hkv).sum()) for r in rows]
+    assert [p * hkv for p in pairs_per_rank(mask_keys(mask, seqlen, hkv), rows)] == pytest.approx(per_head, abs=1e-6)
+    union = [int(mask.allowed(torch.as_tensor(r), every, hkv).any(0).sum()) for r in rows]
+    assert pairs_per_rank(mask_keys(mask, seqlen), rows) == union
+    rows = balancer_rows(balancer, seqlen, 4, mask)  # a block travels while some head needs it
+    plan = RingPlan.build(mask, [torch.as_tensor(r) for r in rows], 0, list(range(4)))
+    assert ring_reach(mask, seqlen, rows) == plan.reach
+
+
+def test_s2_kernel_cut_is_the_mean_of_each_heads_cut():
+    """A call over all KV heads costs the mean of the heads' own cuts; ulysses ranks price
+    the heads they hold (rank 0 the dense head, which sees every block)."""
+    from parallel.perf.cost import kernel_rows, tile_cut
+
+    mask = MaskSpec(causal=True, window=48, heads=HeadStride(8, 1, 3, dense_heads=1))
+    seqlen, every = 256, torch.arange(256)
+    heads = [tile_cut(mask, every, every, kv_heads=[h]) for h in range(4)]
+    assert tile_cut(mask, every, every, 4) == pytest.approx(tuple(np.mean(heads, 0)))
+    assert heads[0] != heads[1]  # the dense head's window tiles are not the strided heads'
+    rows = balancer_rows("headtail", seqlen, 2, mask)
+    cut = kernel_rows("ulysses", mask, seqlen, rows, heads=(4, 4))
+    for r, mine in enumerate((heads[:2], heads[2:])):
+        assert [cut[k][r] for k in ("diagonal", "split", "masked")] == pytest.approx(list(np.mean(mine, 0)))
 
 
 def test_headtail_balances_causal_and_contiguous_does_not():
