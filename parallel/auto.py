@@ -25,7 +25,7 @@ from .base import ContextParallel
 from .comm import group_layout
 from .perf.cost import Layout, has_hook, kernel_rows, mask_keys, pairs_per_rank, strategy_class
 from .perf.hardware import Hardware, resolve_hardware
-from .perf.predict import predict
+from .perf.predict import bytes_for_time, predict
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def predicted_time(strategy, balancer, options, mask, seqlen, world, lay: Layout
     # a tile-based kernel (cpu) is also priced by how each strategy cuts its calls, where it says
     tiled = hw.tiled and has_hook(strategy, "cost_kernel_cut")
     cut = kernel_rows(strategy, mask, seqlen, rows, heads=(lay.hq, lay.hkv), **options) if tiled else None
-    return predict(strategy, pairs, lay, hw, kernel_rows=cut, **options)["total_s"]
+    sent = bytes_for_time(strategy, mask, lay, world, rows, options)
+    return predict(strategy, pairs, lay, hw, kernel_rows=cut, sent=sent, **options)["total_s"]
 
 
 def doc_histogram(mask) -> tuple[tuple[int, int], ...]:

@@ -268,9 +268,10 @@ class Ring(ContextParallel):
                 "bwd": [m["kv_out"] * entry + (m["dkv_out"] + m["home_out"]) * acc for m in moved]}
 
     @classmethod
-    def cost_kernel_cut(cls, mask, seqlen, rows, **_):
-        """The rank's rows against every rank's rows, one call per ring step."""
-        return [steps_cut(mask, q, rows) for q in rows]
+    def cost_kernel_cut(cls, mask, seqlen, rows, num_kv_heads=None, **_):
+        """The rank's rows against every rank's rows, one call per ring step (S2 masks: each
+        KV head over its own keys, as the wire hands them to the kernel)."""
+        return [steps_cut(mask, q, rows, num_kv_heads) for q in rows]
 
     @classmethod
     def cost_memory(cls, lay, world, **_):
@@ -282,10 +283,10 @@ class Ring(ContextParallel):
         return fwd, m["q"] + m["lse"] + 2 * m["kv"] + 3 * m["kva"] + 2 * m["qa"] + m["grads"]
 
     @classmethod
-    def cost_time(cls, pairs, lay, hw, **_):
+    def cost_time(cls, pairs, lay, hw, sent=None, **_):
         worst = max(pairs)
         return ring_time(compute_s(worst, lay.hq, lay, hw, False), compute_s(worst, lay.hq, lay, hw, True),
-                         lay, len(pairs), hw, 1)
+                         lay, len(pairs), hw, 1, sent)
 
     @classmethod
     def auto_candidates(cls, world, mask, lay, balancer=None):

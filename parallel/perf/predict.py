@@ -37,10 +37,12 @@ def compute_s(pairs: float, hq: float, lay: Layout, hw: Hardware, backward: bool
     return attention_flops(pairs, hq, lay.head_dim, backward=backward) / (hw.bwd_flops if backward else hw.fwd_flops)
 
 
-def ring_time(c_fwd, c_bwd, lay: Layout, p: int, hw: Hardware, stride: int) -> tuple[float, float]:
-    """(fwd, bwd) seconds of a ring of p ranks whose slowest rank computes c_fwd / c_bwd."""
+def ring_time(c_fwd, c_bwd, lay: Layout, p: int, hw: Hardware, stride: int,
+              sent: dict[str, list[int]] | None = None) -> tuple[float, float]:
+    """(fwd, bwd) seconds of a ring of p ranks whose slowest rank computes c_fwd / c_bwd;
+    `sent`: the bytes each rank forwards (`bytes_sent`), else every hop carries whole blocks."""
     bw, lat = link(hw, p, stride)
-    sent = bytes_sent("ring", lay, p)
+    sent = sent or bytes_sent("ring", lay, p)
     loc = lay.seqlen // p
     out_fp32 = loc * lay.hq * lay.head_dim * 4 / hw.mem_bw
     times = []
@@ -51,6 +53,15 @@ def ring_time(c_fwd, c_bwd, lay: Layout, p: int, hw: Hardware, stride: int) -> t
         overlapped = step + hop - hw.overlap * min(step, hop) + merge
         times.append(step + (p - 1) * overlapped if p > 1 else step)
     return times[0], times[1]
+
+
+def bytes_for_time(strategy: str, mask, lay: Layout, world: int, rows, options: dict) -> dict[str, list[int]] | None:
+    """The bytes a ring forwards under S2 heads, where each hop carries only the entries some
+    later query needs (`Ring.cost_bytes`); None elsewhere: windows and documents shorten
+    the ring instead, which `ring_time` does not model, so it keeps whole blocks."""
+    if strategy != "ring" or mask.heads is None or world == 1:
+        return None
+    return bytes_sent(strategy, lay, world, mask=mask, rows=rows, **options)
 
 
 def collective(nbytes: float, p: int, hw: Hardware, stride: int = 1, kind: str = "gather") -> float:
@@ -72,14 +83,17 @@ def _tile_costs(hw: Hardware, diag: float, split: float, heads: float) -> tuple[
 
 
 def predict(strategy: str, pairs: list[int], lay: Layout, hw: Hardware, *,
-            kernel_rows: dict[str, list[int]] | None = None, **options) -> dict[str, float]:
+            kernel_rows: dict[str, list[int]] | None = None, sent: dict[str, list[int]] | None = None,
+            **options) -> dict[str, float]:
     """Predicted seconds of one attention call on len(pairs) ranks: fwd_s, bwd_s, total_s
     (the strategy's `cost_time`; options such as `ulysses_degree` or cad's `epsilon` go to it).
 
     `kernel_rows` (per rank, from `cost.kernel_rows`: "diagonal" and "split" rows,
     "masked" hidden pairs computed anyway) adds the profile's costs of how a tile-based kernel
     cuts the work (`diag_*`, `split_*`, and the hidden pairs at the kernel's rate; not used
-    with the GPU presets, whose figures are sustained rates of whole causal runs)."""
+    with the GPU presets, whose figures are sustained rates of whole causal runs).  `sent`
+    (per rank, from `bytes_for_time`) replaces the strategy's dense-block bytes where it
+    prices them (ring under S2 heads)."""
     p = len(pairs)
     impl = strategy_class("none" if p == 1 else strategy)
     heads = lay.hq / impl.head_split(p, options)
@@ -91,7 +105,7 @@ def predict(strategy: str, pairs: list[int], lay: Layout, hw: Hardware, *,
         tile_b += compute_s(hidden, heads, lay, hw, True)
     else:
         tile_f = tile_b = 0.0
-    fwd, bwd = impl.cost_time(pairs, lay, hw, **options)
+    fwd, bwd = impl.cost_time(pairs, lay, hw, sent=sent, **options)
     fwd, bwd = fwd + tile_f, bwd + tile_b
     return {"fwd_s": fwd, "bwd_s": bwd, "total_s": fwd + bwd}
 
@@ -116,7 +130,8 @@ def compare_strategies(mask, lay: Layout, world: int, hw: Hardware) -> list[dict
             balancer = balancer or default_balancer(mask)
             rows = balancer_rows(balancer, lay.seqlen, world, mask)
             pairs = pairs_per_rank(keys, rows)
-            t = predict(name, pairs, lay, hw, kernel_rows=cut(name, rows, options), **options)["total_s"]
+            t = predict(name, pairs, lay, hw, kernel_rows=cut(name, rows, options),
+                        sent=bytes_for_time(name, mask, lay, world, rows, options), **options)["total_s"]
             sent = bytes_sent(name, lay, world, mask=mask, rows=rows, **options) \
                 if has_hook(name, "cost_bytes") else None
             mem = memory_per_rank(name, lay, world, **options) if has_hook(name, "cost_memory") else None

@@ -1,4 +1,6 @@
 """parallel=auto: picks the cost model's fastest candidate, delegates exactly, logs its choice."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -127,6 +129,27 @@ def test_s2_is_priced_per_head():
     for s, b, o in candidates(["ring", "allgather", "ulysses"], world, s2, lay):
         dense = predicted_time(s, b, o, MaskSpec(causal=True), seqlen, world, lay, CPU)
         assert predicted_time(s, b, o, s2, seqlen, world, lay, CPU) < 0.6 * dense, s
+
+
+def test_s2_ring_is_priced_with_the_bytes_its_wire_carries():
+    """Under S2 each ring hop carries only the (row, K/V head) entries later queries need
+    (Ring.cost_bytes with the mask): the time model charges those bytes, not whole blocks."""
+    from parallel.perf.predict import bytes_for_time, predict
+    from parallel.perf.cost import bytes_sent, balancer_rows, mask_keys, pairs_per_rank
+
+    seqlen, world, lay = 8192, 4, Layout(8192, 8, 8, 64)
+    s2 = MaskSpec(causal=True, heads=kernels.HeadStride(64, 4, 8))
+    rows = balancer_rows("headtail", seqlen, world, s2)
+    sent = bytes_for_time("ring", s2, lay, world, rows, {})
+    dense = bytes_sent("ring", lay, world)
+    assert max(sent["fwd"]) < 0.5 * max(dense["fwd"]) and max(sent["bwd"]) < 0.5 * max(dense["bwd"])
+    assert bytes_for_time("ring", MaskSpec(causal=True), lay, world, rows, {}) is None
+    pairs = pairs_per_rank(mask_keys(s2, seqlen, lay.hkv), rows)
+    untiled = dict(diag_fwd=0.0, diag_bwd=0.0, split_fwd=0.0, split_bwd=0.0)  # priced by bytes and pairs only
+    slow_link = dataclasses.replace(CPU, overlap=0.0, **untiled)
+    compacted = predict("ring", pairs, lay, slow_link, sent=sent)["total_s"]
+    assert compacted < predict("ring", pairs, lay, slow_link)["total_s"]
+    assert predicted_time("ring", "headtail", {}, s2, seqlen, world, lay, slow_link) == compacted
 
 
 def test_missing_profile_names_the_file():
