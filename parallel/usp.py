@@ -71,16 +71,21 @@ class USP(ContextParallel):
         return self.exchange.to_rows(out), lse_rows
 
     def plan_stats(self, q, k, kh):
-        """Per CP rank: its all-to-all bytes plus the ring bytes of its ring position."""
-        ring = ring_stats(self.plan, kh, heads_fraction=1.0 / self.ulysses_degree)
+        """Per CP rank: its all-to-all bytes plus the ring bytes of its ring position, for the
+        K/V heads of its place in the Ulysses group (an S2 ring compacts per head)."""
         a2a = self.exchange.bytes_moved(q, k)
+        rings = {}
+        for u, _ in self.grid:
+            if u not in rings:
+                heads = HeadExchange(self.exchange.peers, u, None).kv_heads(q.shape[1], k.shape[1])
+                rings[u] = ring_stats(self.plan, kh, heads_fraction=1.0 / self.ulysses_degree, kv_heads=heads)
         stats = CPStats()
-        for _, p in self.grid:
-            stats.bytes_sent.append(a2a + ring.bytes_sent[p])
-            stats.bytes_recv.append(a2a + ring.bytes_recv[p])
-            stats.pairs.append(ring.pairs[p])
+        for u, p in self.grid:
+            stats.bytes_sent.append(a2a + rings[u].bytes_sent[p])
+            stats.bytes_recv.append(a2a + rings[u].bytes_recv[p])
+            stats.pairs.append(rings[u].pairs[p])
         for key in ("bytes_bwd_sent", "bytes_bwd_recv"):
-            stats.extra[key] = [a2a + ring.extra[key][p] for _, p in self.grid]
+            stats.extra[key] = [a2a + rings[u].extra[key][p] for u, p in self.grid]
         stats.extra["ulysses_degree"], stats.extra["ring_degree"] = self.ulysses_degree, self.ring_degree
         return stats
 
