@@ -91,11 +91,11 @@ class KernelBaseline:
         return kernels.attention(q, k, v, self.mask)[0]
 
 
-def _build(cell, mask):
+def _build(cell, mask, device):
     if cell["strategy"] == "kernel":
         return KernelBaseline(mask, cell["seqlen"])
     if cell["strategy"].startswith("peer:"):
-        return build_peer(cell["strategy"][5:], mask, cell["seqlen"], cell)
+        return build_peer(cell["strategy"][5:], mask, cell, device, cell.get("extra_peers"))
     return parallel.build(cell["strategy"], mask, cell["seqlen"], balancer=cell.get("balancer"), **cell.get("options", {}))
 
 
@@ -145,16 +145,30 @@ def _check(cell, mask, inputs, got, dtype):
     return errs, all(e <= TOL[dtype] for e in errs.values()) and all(e == e for e in errs.values())
 
 
+class _closing:
+    """Leave what a peer holds between calls (torch CP's dispatcher) once it is timed, so the
+    single-process reference that follows runs plain."""
+
+    def __init__(self, cp):
+        self.cp = cp
+
+    def __enter__(self):
+        return self.cp
+
+    def __exit__(self, *exc):
+        getattr(self.cp, "close", lambda: None)()
+
+
 def run_cell(cell, device) -> dict | None:
     """Time and check one cell; returns the JSON record on rank 0 (None elsewhere)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = getattr(torch, cell["dtype"])
     mask = make_mask(cell)
     q, k, v, dout = _inputs(cell, device, dtype)
-    cp = _build(cell, mask)
+    cp = _build(cell, mask, device)
     local = [cp.shard(x) for x in (q, k, v, dout)]
     fwd_t, bwd_t = [], []
-    with PeakRSS(device) as mem:
+    with PeakRSS(device) as mem, _closing(cp):
         for it in range(cell["warmup"] + cell["repeats"]):
             ql, kl, vl = (x.clone().requires_grad_(True) for x in local[:3])
             dist.barrier()
@@ -184,6 +198,8 @@ def run_cell(cell, device) -> dict | None:
     rec = dict(cell, correct=ok, errors=errs, peak_mb_max=peak, total_pairs=int(keys.sum()),
                fwd_s=statistics.median(fwd_t), bwd_s=statistics.median(bwd_t),
                fwd_s_all=fwd_t, bwd_s_all=bwd_t, device=str(device), world_actual=world)
+    if hasattr(cp, "describe"):  # a peer: which version and kernel ran
+        rec["peer_version"] = cp.describe()
     if stats is not None and stats.pairs:
         bwd = stats.extra.get("bytes_bwd_sent", [0] * world)
         rec.update(pairs=list(stats.pairs), bytes_sent=[f + b for f, b in zip(stats.bytes_sent, bwd)],
@@ -215,6 +231,12 @@ def main(argv=None):
             rec = None if rec is None else dict(rec, **link)
         except ValueError as e:  # the strategy refused this cell: record why, on every rank alike
             rec = dict(cell, correct=None, skipped=f"{type(e).__name__}: {e}") if dist.get_rank() == 0 else None
+            dist.barrier()
+        except Exception as e:  # noqa: BLE001  a peer failing at run time (all ranks alike): WRONG, with why
+            if not cell["strategy"].startswith("peer:"):
+                raise
+            rec = dict(cell, correct=False, errors={}, error=f"{type(e).__name__}: {e}"[:500]) \
+                if dist.get_rank() == 0 else None
             dist.barrier()
         if rec is not None:
             with open(out_path, "a") as f:
