@@ -9,9 +9,11 @@ the CUDA ops have: a Shard(seq) rule for the CPU op and its backward, and CP han
 call torch's own `_templated_ring_attention(_backward)` with the CPU op as the block kernel.
 So the ring, merge, rotation and load balancing are torch's; only the kernel is the CPU one.
 
-Document and window masks: torch's CP expresses them only through flex_attention's block
-mask (`create_cp_block_mask`), whose CPU path needs torch.compile's C++ inductor backend per
-mask; this benchmark does not compile, so those cells are SKIPPED with that reason.
+Document and window masks: torch's CP expresses them only through flex_attention with its
+CP block mask (`_create_cp_block_mask`, K/V all-gathered).  On CPU, torch 2.13's
+flex_attention refuses the backward ("NotImplementedError: FlexAttention does not support
+backward on CPU", tried with 2 gloo ranks and a document mask), so those cells are SKIPPED
+with that reason.
 """
 from __future__ import annotations
 
@@ -76,8 +78,8 @@ def install_cpu_ring():
 class TorchCP(Peer):
     name = "torch-cp-allgather"
     masks = ("causal",)
-    why_not = ("torch CP takes document/window masks only as a flex_attention block mask, whose CPU path "
-               "needs torch.compile (C++ inductor) per mask; not compiled in this benchmark")
+    why_not = ("torch CP takes document/window masks only through flex_attention's CP block mask, and on CPU "
+               "flex_attention has no backward ('FlexAttention does not support backward on CPU', torch 2.13)")
     rotate = "allgather"
 
     def __init__(self, mask, cell, device):
