@@ -26,7 +26,6 @@ RING_WINDOW = "its ring applies window_size per ring block in block-local coordi
 class Yunchang(Peer):
     needs = ("yunchang",)
     fixed = False
-    ulysses_degree = 1
 
     def __init__(self, mask, cell, device):
         super().__init__(mask, cell, device)
@@ -71,30 +70,34 @@ class YunchangRing(Yunchang):
     masks = ("causal",)
     why_not = f"{NO_DOCS}, and {RING_WINDOW}"
 
+    def degrees(self) -> tuple[int, int]:
+        """(ulysses, ring) degrees of yunchang's process groups."""
+        return 1, self.world
+
     def __init__(self, mask, cell, device):
         super().__init__(mask, cell, device)
-        self.yc.set_seq_parallel_pg(1, self.world, self.rank, self.world)
-        self.fn = self.yc.zigzag_ring_flash_attn_func
-        self.index = self.extract_rows("zigzag", 1, self.world)
+        ud, rd = self.degrees()
+        self.need_heads_divisible(ud)
+        self.yc.set_seq_parallel_pg(ud, rd, self.rank, self.world)
+        self.index = self.extract_rows("zigzag", ud, rd)
+        self.version += f", ulysses {ud} x ring {rd}"
 
     def call(self, q, k, v):
-        out = self.fn(q, k, v, causal=True, group=dist.group.WORLD, attn_type=self.kernels.AttnType.FA)
+        out = self.yc.zigzag_ring_flash_attn_func(q, k, v, causal=True, group=dist.group.WORLD,
+                                                  attn_type=self.kernels.AttnType.FA)
         return out[0] if isinstance(out, tuple) else out
 
 
-class YunchangUSP(Yunchang):
+class YunchangUSP(YunchangRing):
     name = "yunchang-usp"
-    masks = ("causal",)
-    why_not = f"{NO_DOCS}, and {RING_WINDOW}"
+
+    def degrees(self):
+        ud = 2 if self.world >= 4 and self.world % 2 == 0 else 1
+        return ud, self.world // ud
 
     def __init__(self, mask, cell, device):
         super().__init__(mask, cell, device)
-        ud = 2 if self.world >= 4 and self.world % 2 == 0 else 1
-        self.need_heads_divisible(ud)
-        self.yc.set_seq_parallel_pg(ud, self.world // ud, self.rank, self.world)
         self.layer = self.yc.LongContextAttention(ring_impl_type="zigzag", attn_type=self.kernels.AttnType.FA)
-        self.index = self.extract_rows("zigzag", ud, self.world // ud)
-        self.version += f", ulysses {ud} x ring {self.world // ud}"
 
     def call(self, q, k, v):
         return self.layer(q, k, v, causal=True)
