@@ -149,8 +149,8 @@ def _check(cell, mask, inputs, got, dtype):
 
 
 class _closing:
-    """Leave what a peer holds between calls (torch CP's dispatcher) once it is timed, so the
-    single-process reference that follows runs plain."""
+    """Leave what a peer holds between calls (torch CP's patched SDPA dispatcher) when its
+    cell is done, so the next cell runs plain."""
 
     def __init__(self, cp):
         self.cp = cp
