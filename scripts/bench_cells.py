@@ -55,7 +55,7 @@ def expand(cfg: dict) -> list[dict]:
         cell = dict(strategy=strategy, balancer=balancer, mask=mask, seqlen=seqlen, world=world, hq=hq, hkv=hkv,
                     head_dim=cfg["head_dim"], dtype=cfg["dtype"], seed=cfg["seed"], warmup=cfg["warmup"],
                     repeats=cfg["repeats"], options=options, window=cfg["window"],
-                    extra_strategies=extra)
+                    extra_strategies=extra, extra_peers=dict(cfg.get("extra_peers", {})))
         if "document" in mask:
             cell["doc_lens"] = sample_doc_lens(seqlen, cfg["docs"], cfg["seed"])
         cell["id"] = cell_id(cell)

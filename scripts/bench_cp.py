@@ -34,7 +34,9 @@ class BenchConfig:
 
     out_dir: str = "bench_out"
     strategies: list = field(default_factory=lambda: ["ring", "allgather", "ulysses", "auto"])
-    peers: list = field(default_factory=lambda: ["deepspeed-ulysses", "torch-cp", "yunchang"])
+    # scripts.bench_peers.PEERS names; conf/bench/experiment/peers.yaml runs every one
+    peers: list = field(default_factory=lambda: ["torch-cp-alltoall", "deepspeed-ulysses", "deepspeed-ulysses-varlen",
+                                                 "ring-flash-attn-llama3", "yunchang-ulysses"])
     balancers: list = field(default_factory=lambda: ["contiguous", "headtail", "per_doc"])
     masks: list = field(default_factory=lambda: ["causal", "document"])
     seqlens: list = field(default_factory=lambda: [4096, 8192])
@@ -47,6 +49,7 @@ class BenchConfig:
     docs: dict = field(default_factory=lambda: {"file": None, "fixed_len": None})
     options: dict = field(default_factory=lambda: {"usp": {"ulysses_degree": 2}})
     extra_strategies: dict = field(default_factory=dict)
+    extra_peers: dict = field(default_factory=dict)  # name -> "module:Class", like extra_strategies
     warmup: int = 1
     repeats: int = 3
     seed: int = 0

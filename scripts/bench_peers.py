@@ -1,92 +1,43 @@
-"""Peer CP implementations run side by side with ours, behind the same shard/attention face.
+"""Peers: published context-parallel attention run side by side with our strategies in
+`scripts.bench_cp` (strategy `peer:<name>`), each with its own kernel, its own row layout
+and its own way of expressing the mask, as its users would run it.  Every peer cell is
+checked against single-process `kernels.attention` like ours: a wrong result is reported
+WRONG with its error and gets no speed figures.
 
-Each peer is wrapped so the harness can time it and check it against `kernels.attention`
-exactly like our strategies.  A peer that cannot run here raises ValueError with the reason
-at construction (the same on every rank, before any collective), and the harness records
-the reason in the table instead of a time.
+A peer that is not installed, or cannot express a cell's mask, raises ValueError at
+construction (the same on every rank, before any collective) and the cell is reported
+SKIPPED with the reason (the install command, or what the peer lacks).  Install the
+optional ones with `pip install -e '.[peers]'` (or the --no-deps line in scripts/peers/base.py).
 
-  deepspeed-ulysses  deepspeed.sequence.layer.DistributedAttention (all-to-all over heads)
-                     around kernels.attention on the gathered full sequence.
-  torch-cp           torch.distributed.tensor.experimental.context_parallel (ring over SDPA).
-  yunchang           long-context-attention's LongContextAttention (torch backend).
+On CPU, flash-attn based peers run through `scripts/peers/flash_attn_cpu` (a `flash_attn`
+stand-in over torch's CPU flash-attention op) and torch CP through CPU ring handlers
+(`scripts/peers/torch_cp.py`): every peer and our `cpu` backend share one local kernel, so
+the comparison is of partitioning, communication and masking, not of kernels.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
-import torch.distributed as dist
 
-import kernels
+from parallel import load_entry
 
-PEERS = ("deepspeed-ulysses", "torch-cp", "yunchang")
-
-
-class _Contiguous:
-    """Contiguous row sharding shared by the wrapped peers."""
-
-    def __init__(self, mask, seqlen):
-        world, rank = dist.get_world_size(), dist.get_rank()
-        if seqlen % world:
-            raise ValueError(f"seqlen={seqlen} must be divisible by the world size {world}")
-        self.mask, self.seqlen, self.world = mask, seqlen, world
-        self.index = torch.arange(rank * seqlen // world, (rank + 1) * seqlen // world)
-        self.stats = None
-
-    @property
-    def positions(self):
-        return self.index
-
-    def shard(self, x):
-        return x.index_select(0, self.index.to(x.device))
+PEERS = {
+    "torch-cp-allgather": "scripts.peers.torch_cp:TorchCP",
+    "torch-cp-alltoall": "scripts.peers.torch_cp:TorchCPAllToAll",
+    "deepspeed-ulysses": "scripts.peers.deepspeed_ulysses:DeepSpeedUlysses",
+    "deepspeed-ulysses-varlen": "scripts.peers.deepspeed_ulysses:DeepSpeedUlyssesVarlen",
+    "ring-flash-attn-zigzag": "scripts.peers.ring_flash_attn:RingFlashAttnZigzag",
+    "ring-flash-attn-zigzag+fp32fix": "scripts.peers.ring_flash_attn:RingFlashAttnZigzagFixed",
+    "ring-flash-attn-llama3": "scripts.peers.ring_flash_attn:RingFlashAttnLlama3",
+    "yunchang-ulysses": "scripts.peers.yunchang:YunchangUlysses",
+    "yunchang-ring": "scripts.peers.yunchang:YunchangRing",
+    "yunchang-ring+fp32fix": "scripts.peers.yunchang:YunchangRingFixed",
+    "yunchang-usp": "scripts.peers.yunchang:YunchangUSP",
+    "yunchang-usp+fp32fix": "scripts.peers.yunchang:YunchangUSPFixed",
+}
 
 
-class _FullSequenceKernel(torch.nn.Module):
-    """DeepSpeed's local attention: [T, 1, H/P, D] over the whole sequence in global order."""
+def build_peer(name: str, mask, cell: dict, device: torch.device, extra: dict | None = None):
+    """Construct a peer for one cell, or raise ValueError saying why it cannot run it.
 
-    def __init__(self, mask):
-        super().__init__()
-        self.mask = mask
-
-    def forward(self, q, k, v, *args, **kwargs):
-        out, _ = kernels.attention(q[:, 0], k[:, 0], v[:, 0], self.mask)
-        return out.unsqueeze(1)
-
-
-class DeepSpeedUlysses(_Contiguous):
-    def __init__(self, mask, seqlen, cell):
-        super().__init__(mask, seqlen)
-        if cell["hkv"] % self.world or cell["hq"] % self.world:
-            raise ValueError(f"deepspeed-ulysses needs heads divisible by {self.world} (hq={cell['hq']}, "
-                             f"hkv={cell['hkv']}); DistributedAttention does not replicate KV heads")
-        import deepspeed.comm as ds_comm
-        from deepspeed.sequence.layer import DistributedAttention
-
-        if not ds_comm.is_initialized():
-            ds_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-        self.layer = DistributedAttention(_FullSequenceKernel(mask), dist.group.WORLD, scatter_idx=2, gather_idx=0)
-
-    def attention(self, q, k, v):
-        return self.layer(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), 1)[:, 0]
-
-
-def _torch_cp_reason(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return ("torch-cp: context_parallel shards SDPA's flash/efficient/cuDNN CUDA ops only; "
-                "no CPU/gloo path in torch " + torch.__version__)
-    return "torch-cp: wrapper not written for document/window masks (SDPA takes is_causal only)"
-
-
-def build_peer(name: str, mask, seqlen: int, cell: dict):
-    """Construct a peer, or raise ValueError saying why it cannot run here."""
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if name == "deepspeed-ulysses":
-        return DeepSpeedUlysses(mask, seqlen, cell)
-    if name == "torch-cp":
-        raise ValueError(_torch_cp_reason(device))
-    if name == "yunchang":
-        if importlib.util.find_spec("yunchang") is None:
-            raise ValueError("yunchang: package not installed (PyPI yunchang needs flash-attn for its "
-                             "default backend; not installed in this environment)")
-        raise ValueError("yunchang: installed but its wrapper is not written yet")
-    raise ValueError(f"peer={name!r} is unknown; choose one of {', '.join(PEERS)}")
+    extra: more peers by name -> "module:Class" (the tests' deliberately broken ones)."""
+    return load_entry({**PEERS, **(extra or {})}, name, "peers")(mask, cell, device)

@@ -2,8 +2,9 @@
 
 Derived per cell (DESIGN.md definitions): tokens/s = seqlen / (fwd + bwd); CP efficiency =
 t(1 rank kernel) / (P * t(P ranks)); achieved TFLOPS = attention FLOPs (4 * pairs * Hq * D
-forward, 2.5x backward) / time, summed over ranks; imbalance = pairs max / mean.  A cell
-whose check failed is shown as WRONG and gets no speed figures.  A CP efficiency above 1
+forward, 2.5x backward) / time, summed over ranks; imbalance = pairs max / mean; x best peer = our time / the time of
+the fastest correct peer of the same (mask, seqlen, ranks, heads) cell (below 1: we are faster).
+A cell whose check failed is shown as WRONG and gets no speed figures.  A CP efficiency above 1
 (faster than P perfect copies of the 1-rank kernel) is a measurement artifact, usually one
 noisy repeat on a shared machine: such cells are marked `!` in the table, the plots and the
 summary.  Regenerate the reports of an existing run with
@@ -29,6 +30,14 @@ def load_records(path: str) -> list[dict]:
 
 def _shape_key(r: dict) -> tuple:
     return (r["mask"], r["seqlen"], r["hq"], r["hkv"], r["head_dim"], r["dtype"])
+
+
+def _cell_key(r: dict) -> tuple:
+    return _shape_key(r) + (r["world"],)
+
+
+def is_peer(r: dict) -> bool:
+    return r["strategy"].startswith("peer:")
 
 
 def status(r: dict) -> str:
@@ -58,6 +67,14 @@ def derive(records: list[dict]) -> list[dict]:
                 d["bytes_formula_max"] = max(r["bytes_formula"])
                 d["bytes_match"] = list(r["bytes_sent"]) == list(r["bytes_formula"])
         rows.append(d)
+    best = {}
+    for d in rows:
+        if d["status"] == "ok" and is_peer(d) and d["total_s"] < best.get(_cell_key(d), {"total_s": float("inf")})["total_s"]:
+            best[_cell_key(d)] = d
+    for d in rows:
+        peer = best.get(_cell_key(d))
+        if d["status"] == "ok" and not is_peer(d) and d["world"] > 1 and peer is not None:
+            d.update(best_peer=peer["strategy"][5:], best_peer_s=peer["total_s"], vs_peer=d["total_s"] / peer["total_s"])
     return rows
 
 
@@ -67,7 +84,7 @@ def _fmt(x, spec):
 
 def markdown(rows: list[dict]) -> str:
     head = ("| strategy | balancer | mask | T | P | Hq/Hkv | fwd ms | bwd ms | spread ms | tok/s | CP eff | "
-            "TFLOPS | peak MB | max bytes/rank (formula) | pairs max/mean | max err | status |")
+            "x best peer | TFLOPS | peak MB | max bytes/rank (formula) | pairs max/mean | max err | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: (r["mask"], r["seqlen"], r["hq"], r["hkv"], r["world"], r["strategy"],
                                          str(r.get("balancer")))):
@@ -76,14 +93,15 @@ def markdown(rows: list[dict]) -> str:
         if r.get("bytes_max") is not None:
             bytes_col = f"{r['bytes_max']:,} ({r['bytes_formula_max']:,}{'' if r['bytes_match'] else ' MISMATCH'})"
         err = max(r["errors"].values()) if r.get("errors") else None
-        stat = r["status"] if r["status"] != "SKIPPED" else f"SKIPPED: {r['skipped']}"
+        stat = {"SKIPPED": f"SKIPPED: {r.get('skipped')}", "WRONG": "WRONG" + (f": {r['error']}" if r.get("error") else "")
+                }.get(r["status"], r["status"])
         lines.append("| " + " | ".join([
             r["strategy"], str(r.get("balancer") or "-"), r["mask"], str(r["seqlen"]), str(r["world"]),
             f"{r['hq']}/{r['hkv']}",
             _fmt(r.get("fwd_s") * 1e3 if ok else None, ".1f"), _fmt(r.get("bwd_s") * 1e3 if ok else None, ".1f"),
             _fmt(r.get("spread_s", 0) * 1e3 if ok else None, ".1f"), _fmt(r.get("tokens_per_s") if ok else None, ",.0f"),
             _fmt(r.get("efficiency") if ok else None, ".3f") + ("!" if r.get("suspect") else ""),
-            _fmt(r.get("tflops") if ok else None, ".4f"),
+            _fmt(r.get("vs_peer"), ".2f"), _fmt(r.get("tflops") if ok else None, ".4f"),
             _fmt(r.get("peak_mb_max") if ok else None, ".0f"), bytes_col if ok else "-",
             _fmt(r.get("pairs_imbalance"), ".3f"), _fmt(err, ".1e"), stat]) + " |")
     if any(r.get("suspect") for r in rows):
@@ -94,6 +112,22 @@ def markdown(rows: list[dict]) -> str:
 SUSPECT_NOTE = ("CP eff marked ! is above 1, faster than P perfect copies of the 1-rank kernel: a measurement "
                 "artifact (one noisy repeat on a shared machine, or a warm cache); re-run with more repeats "
                 "(repeats=5) before reading anything into it.")
+
+
+def vs_peers(rows: list[dict]) -> str:
+    """Per cell (mask, T, P, heads): each of our strategies beside the fastest correct peer,
+    as a ratio of median fwd+bwd times (below 1: ours is faster); our best one is in bold."""
+    ours = [r for r in rows if r.get("vs_peer") is not None]
+    lines = ["| mask | T | P | Hq/Hkv | best peer | peer ms | strategy | ms | time / best peer |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted({_cell_key(r) for r in ours}):
+        cells = sorted((r for r in ours if _cell_key(r) == key), key=lambda r: r["vs_peer"])
+        for i, r in enumerate(cells):
+            bold = "**" if i == 0 else ""
+            lines.append(f"| {r['mask']} | {r['seqlen']} | {r['world']} | {r['hq']}/{r['hkv']} | {r['best_peer']} | "
+                         f"{r['best_peer_s'] * 1e3:.0f} | {bold}{series_label(r)}{bold} | {r['total_s'] * 1e3:.0f} | "
+                         f"{bold}{r['vs_peer']:.2f}x{bold} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def _chosen_cell(auto: dict, cells: list[dict]) -> dict | None:
@@ -123,7 +157,7 @@ def auto_vs_best(rows: list[dict]) -> str:
     for key in sorted({(r["mask"], r["seqlen"], r["world"], r["hq"], r["hkv"]) for r in ok}):
         cells = [r for r in ok if (r["mask"], r["seqlen"], r["world"], r["hq"], r["hkv"]) == key]
         auto = [r for r in cells if r["strategy"] == "auto"]
-        others = [r for r in cells if r["strategy"] not in ("auto",) and not r["strategy"].startswith("peer:")]
+        others = [r for r in cells if r["strategy"] not in ("auto",) and not is_peer(r)]
         if not auto or not others:
             continue
         fastest = lambda r: min(f + b for f, b in zip(r["fwd_s_all"], r["bwd_s_all"]))  # noqa: E731
@@ -234,7 +268,8 @@ def _bar_figure(rows, colours, value, ylabel, title, caption, reference=None, id
 
 def write_plots(rows: list[dict], out_dir: str, command: str | None = None) -> list[str]:
     """speedup.png (vs the 1-rank kernel), bytes.png (sent per rank vs the formula),
-    imbalance.png (attention pairs max/mean); the command that made them in each caption."""
+    imbalance.png (attention pairs max/mean), vs_peers.png (our time / the best peer's); the
+    command that made them in each caption."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,6 +292,10 @@ def write_plots(rows: list[dict], out_dir: str, command: str | None = None) -> l
             rows, colours, lambda r: (r["pairs_imbalance"],) * 3 if r.get("pairs_imbalance") is not None else None,
             "attention pairs, max / mean over ranks", "Attention work imbalance", caption,
             reference=(1.0, "balanced (1.0)")),
+        "vs_peers": _bar_figure(
+            rows, colours, lambda r: (r["vs_peer"],) * 3 if r.get("vs_peer") is not None else None,
+            "our time / the fastest correct peer's (fwd+bwd)", "Ours vs the fastest correct peer of each cell "
+            "(below 1: ours is faster)", caption, reference=(1.0, "best peer (1x)")),
     }
     paths = []
     for name, fig in figures.items():
@@ -306,9 +345,9 @@ def write_reports(records: list[dict], out_dir: str, *, plots: bool = True, use_
     rows = derive(records)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown(rows))
-        auto = auto_vs_best(rows)
-        if auto:
-            f.write("\n" + auto)
+        for section in (vs_peers(rows), auto_vs_best(rows)):
+            if section:
+                f.write("\n" + section)
     paths = write_plots(rows, out_dir, command) if plots and rows else []
     if use_wandb:
         import wandb

@@ -2,10 +2,13 @@
 
 Started by `scripts.bench_cp` as `torchrun --nproc_per_node P -m scripts.bench_worker
 CELLS.json RESULTS.jsonl`.  Per cell every rank builds the same global q/k/v/dout (same
-seed), shards them with the strategy, times warm-up + repeats of forward and backward
-(the slowest rank's time per repeat), then gathers outputs and gradients by global position
-to rank 0 and compares them with single-process `kernels.attention`.  A cell whose result is
-not exact is written with correct=false and reported as WRONG, whatever its speed.
+seed), shards them with the strategy, runs forward and backward once, gathers outputs and
+gradients by global position to rank 0 and compares them with single-process
+`kernels.attention`.  A cell whose result is not exact is written with correct=false and
+its errors, and is not timed (reported as WRONG); a right one is timed over warm-up +
+repeats (the checked step counts as the first warm-up; the slowest rank's time per repeat).
+Peers (`peer:<name>`, scripts.bench_peers) run through the same steps; one that fails at run
+time is recorded as WRONG with its error.
 """
 from __future__ import annotations
 
@@ -91,11 +94,11 @@ class KernelBaseline:
         return kernels.attention(q, k, v, self.mask)[0]
 
 
-def _build(cell, mask):
+def _build(cell, mask, device):
     if cell["strategy"] == "kernel":
         return KernelBaseline(mask, cell["seqlen"])
     if cell["strategy"].startswith("peer:"):
-        return build_peer(cell["strategy"][5:], mask, cell["seqlen"], cell)
+        return build_peer(cell["strategy"][5:], mask, cell, device, cell.get("extra_peers"))
     return parallel.build(cell["strategy"], mask, cell["seqlen"], balancer=cell.get("balancer"), **cell.get("options", {}))
 
 
@@ -145,45 +148,78 @@ def _check(cell, mask, inputs, got, dtype):
     return errs, all(e <= TOL[dtype] for e in errs.values()) and all(e == e for e in errs.values())
 
 
+class _closing:
+    """Leave what a peer holds between calls (torch CP's patched SDPA dispatcher) when its
+    cell is done, so the next cell runs plain."""
+
+    def __init__(self, cp):
+        self.cp = cp
+
+    def __enter__(self):
+        return self.cp
+
+    def __exit__(self, *exc):
+        getattr(self.cp, "close", lambda: None)()
+
+
+def _step(cp, local, device):
+    """One forward + backward on fresh leaves: ([out, dq, dk, dv], fwd s, bwd s), the times
+    being the slowest rank's."""
+    ql, kl, vl = (x.clone().requires_grad_(True) for x in local[:3])
+    dist.barrier()
+    sync(device)
+    t0 = time.perf_counter()
+    out = cp.attention(ql, kl, vl)
+    sync(device)
+    t1 = time.perf_counter()
+    out.backward(local[3])
+    sync(device)
+    t2 = time.perf_counter()
+    return [out, ql.grad, kl.grad, vl.grad], max_over_ranks(t1 - t0), max_over_ranks(t2 - t1)
+
+
+def _agree(ok: bool) -> bool:
+    """Rank 0's verdict, on every rank."""
+    flag = torch.tensor([int(bool(ok))])
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
 def run_cell(cell, device) -> dict | None:
-    """Time and check one cell; returns the JSON record on rank 0 (None elsewhere)."""
+    """Check one cell, then time it if it is right; returns the JSON record on rank 0 (None
+    elsewhere).  The checked step is the first warm-up; a wrong cell is not timed."""
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = getattr(torch, cell["dtype"])
     mask = make_mask(cell)
     q, k, v, dout = _inputs(cell, device, dtype)
-    cp = _build(cell, mask)
+    cp = _build(cell, mask, device)
     local = [cp.shard(x) for x in (q, k, v, dout)]
     fwd_t, bwd_t = [], []
-    with PeakRSS(device) as mem:
-        for it in range(cell["warmup"] + cell["repeats"]):
-            ql, kl, vl = (x.clone().requires_grad_(True) for x in local[:3])
-            dist.barrier()
-            sync(device)
-            t0 = time.perf_counter()
-            out = cp.attention(ql, kl, vl)
-            sync(device)
-            t1 = time.perf_counter()
-            out.backward(local[3])
-            sync(device)
-            t2 = time.perf_counter()
-            f, b = max_over_ranks(t1 - t0), max_over_ranks(t2 - t1)
-            if it >= cell["warmup"]:
-                fwd_t.append(f)
-                bwd_t.append(b)
+    with _closing(cp):
+        result, _, _ = _step(cp, local, device)
+        got = _gather_rows(cp.positions.cpu(), result)
+        errs, ok = {}, True  # the 1-rank baseline is the reference computation itself
+        if rank == 0 and cell["strategy"] != "kernel":
+            errs, ok = _check(cell, mask, (q, k, v, dout), got, dtype)
+        ok = _agree(ok)
+        with PeakRSS(device) as mem:
+            for it in range(max(cell["warmup"] - 1, 0) + cell["repeats"] if ok else 0):
+                _, f, b = _step(cp, local, device)
+                if it >= cell["warmup"] - 1:
+                    fwd_t.append(f)
+                    bwd_t.append(b)
     peak = max_over_ranks(mem.mb)
-    got = _gather_rows(cp.positions.cpu(), [out, ql.grad, kl.grad, vl.grad])
     stats = getattr(cp, "stats", None)
     if rank != 0:
         return None
-    if cell["strategy"] == "kernel":  # the baseline is the reference computation itself
-        errs, ok = {}, True
-    else:
-        errs, ok = _check(cell, mask, (q, k, v, dout), got, dtype)
     keys = mask_keys(mask, cell["seqlen"])
     lay = Layout(cell["seqlen"], cell["hq"], cell["hkv"], cell["head_dim"], torch.finfo(dtype).bits // 8)
     rec = dict(cell, correct=ok, errors=errs, peak_mb_max=peak, total_pairs=int(keys.sum()),
-               fwd_s=statistics.median(fwd_t), bwd_s=statistics.median(bwd_t),
                fwd_s_all=fwd_t, bwd_s_all=bwd_t, device=str(device), world_actual=world)
+    if ok:
+        rec.update(fwd_s=statistics.median(fwd_t), bwd_s=statistics.median(bwd_t))
+    if hasattr(cp, "describe"):  # a peer: which version and kernel ran
+        rec["peer_version"] = cp.describe()
     if stats is not None and stats.pairs:
         bwd = stats.extra.get("bytes_bwd_sent", [0] * world)
         rec.update(pairs=list(stats.pairs), bytes_sent=[f + b for f, b in zip(stats.bytes_sent, bwd)],
@@ -215,6 +251,12 @@ def main(argv=None):
             rec = None if rec is None else dict(rec, **link)
         except ValueError as e:  # the strategy refused this cell: record why, on every rank alike
             rec = dict(cell, correct=None, skipped=f"{type(e).__name__}: {e}") if dist.get_rank() == 0 else None
+            dist.barrier()
+        except Exception as e:  # noqa: BLE001  a peer failing at run time (all ranks alike): WRONG, with why
+            if not cell["strategy"].startswith("peer:"):
+                raise
+            rec = dict(cell, correct=False, errors={}, error=f"{type(e).__name__}: {e}"[:500]) \
+                if dist.get_rank() == 0 else None
             dist.barrier()
         if rec is not None:
             with open(out_path, "a") as f:
