@@ -61,6 +61,7 @@ def _traffic(p, q_bytes, kv_bytes):
 
 class CAD(base.ContextParallel):
     name = "cad"
+    sweeps_balancers = False  # its planner places the work; a balancer is refused
 
     def __init__(self, mask, seqlen, *, group=None, mesh=None, balancer=None, **options):
         super().__init__()
