@@ -275,6 +275,7 @@ def evaluate_run(cfg) -> dict[str, float]:
         model = load_trained_model(cfg.eval.checkpoint, cfg.model)
     else:
         vocab = max(int(evaluator.tokenizer.vocab_size), 1)
+        torch.manual_seed(cfg.train.seed)  # the fresh model a run starts from, the same on every rank
         model = build_model(resolve_config(cfg.model, vocab, f"data.source={cfg.data.source}"))
     groups = build_groups(cfg, dims) if distributed else None  # the first collective: every check is above
     metrics = evaluator.run(model.to(device), groups.cp_group if groups else None, device, amp_dtype)
