@@ -45,7 +45,7 @@ def validate(args) -> None:
 
 
 def step_memory(args) -> int:
-    """Peak bytes of one training step on one rank: float32 weights, gradients and Adam
+    """Peak bytes of one float32 training step on one rank: weights, gradients and Adam
     (unsharded) and the activations of seqlen / gpus tokens, by `predict_peak_bytes`."""
     options = MemoryOptions(args.activation_checkpoint, args.loss_chunk, args.mlp_chunk)
     if args.gpus < 1:
@@ -56,8 +56,8 @@ def step_memory(args) -> int:
     peak = predict_peak_bytes(model, args.seqlen // args.gpus, options)
     print(f"Training step per rank ({args.seqlen // args.gpus:,} tokens, activation_checkpoint="
           f"{options.activation_checkpoint}, loss_chunk={options.loss_chunk}, mlp_chunk={options.mlp_chunk}): "
-          f"peak {peak:,} bytes = {peak / 2**20:,.0f} MiB (models.memory.predict_peak_bytes; the process's "
-          "runtime not counted), plus the strategy's attention memory below.\n")
+          f"peak {peak:,} bytes = {peak / 2**20:,.0f} MiB (float32, models.memory.predict_peak_bytes; the "
+          "process's runtime not counted), plus the strategy's attention memory below.\n")
     return peak
 
 
