@@ -68,6 +68,12 @@ class MemoryOptions:
             raise ValueError(f"train.activation_offload=true moves activations to pinned host memory and needs "
                              f"CUDA; the run is on {device.type}. Set train.activation_offload=false")
 
+    @property
+    def attention_forwards(self) -> int:
+        """How often a step runs each block's core attention forward, and with it the CP
+        strategy's forward communication: twice under `full` (the recomputation), else once."""
+        return 2 if self.activation_checkpoint == "full" else 1
+
     def saving(self):
         """The context the model's forward pass runs in: offload kept tensors, or nothing."""
         if self.activation_offload:

@@ -3,13 +3,16 @@ for each combination of train.activation_checkpoint / loss_chunk / mlp_chunk.
 
     python -m scripts.bench_memory --seqlens 4096 8192 --budget-gb 24 --out bench_memory
     python -m scripts.bench_memory --time-seqlen 8192 --rounds 2 --out bench_memory
-    python -m scripts.bench_memory --seqlens 262144 --settings full+loss2048+mlp2048 --out big
+    MALLOC_MMAP_THRESHOLD_=131072 python -m scripts.bench_memory --seqlens 262144 \
+        --settings full+loss2048+mlp2048 --doc-len 2048 --out big
 
 Each (setting, seqlen) is one training step of `model=small data=synthetic
-data.vocab_size=32000` in a fresh process, whose peak is the loop's `memory/peak_mb`
-(VmHWM on CPU, max_memory_allocated on CUDA).  Per token = the slope between the two
-shortest seqlens; the longest context = where that line reaches --budget-gb.  Beside each
-measurement: the step time and `models.memory.predict_peak_bytes`.  --time-seqlen times
+data.vocab_size=32000` in a fresh process (documents from the ProLong mix scaled to the
+seqlen, or all --doc-len tokens long: attention then costs O(T x doc-len), not O(T^2)),
+whose peak is the loop's `memory/peak_mb` (VmHWM on CPU, max_memory_allocated on CUDA).
+Per token = the slope between the two shortest seqlens; the longest context = where that
+line reaches --budget-gb.  Beside each measurement: the step time and
+`models.memory.predict_peak_bytes`.  --time-seqlen times
 forward+backward of none / selective / full interleaved in one process (ratios to none).
 Results: <out>/results.jsonl (appended), results.md, memory_vs_seqlen.png.
 """
@@ -40,7 +43,19 @@ def all_settings(chunk: int) -> dict[str, dict]:
     return out
 
 
-def compose(seqlen: int, options: dict, device: str, out_dir: str):
+def doc_len_overrides(doc_len: int, seqlen: int, out_dir: str) -> list[str]:
+    """Data settings for documents of exactly `doc_len` tokens (none when 0): a one-length
+    list, unscaled (data.doclens_context = seqlen)."""
+    if not doc_len:
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(os.path.abspath(out_dir), f"doclens_{doc_len}.json")
+    with open(path, "w") as f:
+        json.dump([doc_len], f)
+    return [f"data.doclens={path}", f"data.doclens_context={seqlen}"]
+
+
+def compose(seqlen: int, options: dict, device: str, out_dir: str, doc_len: int = 0):
     from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -48,7 +63,7 @@ def compose(seqlen: int, options: dict, device: str, out_dir: str):
 
     register()
     overrides = [*SETUP, f"data.seqlen={seqlen}", f"train.device={device}", f"train.out_dir={out_dir}",
-                 *(f"train.{k}={v}" for k, v in options.items())]
+                 *doc_len_overrides(doc_len, seqlen, out_dir), *(f"train.{k}={v}" for k, v in options.items())]
     with initialize_config_dir(config_dir=os.path.join(REPO_ROOT, "conf"), version_base="1.3"):
         return OmegaConf.to_object(hydra_compose("config", overrides=overrides))
 
@@ -58,22 +73,22 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def worker(seqlen: int, options: dict, device: str, out_dir: str) -> dict:
+def worker(seqlen: int, options: dict, device: str, out_dir: str, doc_len: int = 0) -> dict:
     """One training step in this (fresh) process: its peak memory and time."""
     import torch
 
     from train.loop import run
 
-    cfg = compose(seqlen, {**options, "steps": 1}, device, out_dir)
+    cfg = compose(seqlen, {**options, "steps": 1}, device, out_dir, doc_len)
     base = rss_mb() if device == "cpu" else torch.cuda.memory_allocated() / 2**20
     (m,) = run(cfg)
-    return {"seqlen": seqlen, **options, "device": device, "peak_mb": m["memory/peak_mb"],
+    return {"seqlen": seqlen, **options, "device": device, "doc_len": doc_len, "peak_mb": m["memory/peak_mb"],
             "runtime_mb": base, "step_s": m["time/step_s"]}
 
 
-def measure(name: str, seqlen: int, options: dict, device: str, out: str) -> dict:
+def measure(name: str, seqlen: int, options: dict, device: str, out: str, doc_len: int = 0) -> dict:
     cmd = [sys.executable, "-m", "scripts.bench_memory", "--worker", json.dumps(options), "--seqlens", str(seqlen),
-           "--device", device, "--out", out]
+           "--device", device, "--out", out, "--doc-len", str(doc_len)]
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     if proc.returncode != 0:
@@ -211,6 +226,8 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk", type=int, default=2048, help="loss_chunk / mlp_chunk when on")
     ap.add_argument("--budget-gb", type=float, default=24.0)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--doc-len", type=int, default=0, help="every document this many tokens (0: the ProLong mix "
+                    "scaled to the seqlen)")
     ap.add_argument("--jobs", type=int, default=1, help="measurements at once (each its own process)")
     ap.add_argument("--time-seqlen", type=int, default=0, help="also time the checkpoint modes at this seqlen")
     ap.add_argument("--rounds", type=int, default=2)
@@ -220,7 +237,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.worker:
-        print(json.dumps(worker(args.seqlens[0], json.loads(args.worker), args.device, args.out)), flush=True)
+        rec = worker(args.seqlens[0], json.loads(args.worker), args.device, args.out, args.doc_len)
+        print(json.dumps(rec), flush=True)
         return
     path = os.path.join(args.out, "results.jsonl")
     if not args.report_only:
@@ -230,7 +248,8 @@ def main(argv=None) -> None:
             raise SystemExit(f"--settings {' '.join(sorted(unknown))}: unknown; choose from {' '.join(settings)}")
         cells = [(n, t) for n in (args.settings or settings) for t in args.seqlens]
         with ThreadPoolExecutor(args.jobs) as pool, open(path, "a") as f:
-            for rec in pool.map(lambda c: measure(c[0], c[1], settings[c[0]], args.device, args.out), cells):
+            for rec in pool.map(lambda c: measure(c[0], c[1], settings[c[0]], args.device, args.out,
+                                                  args.doc_len), cells):
                 print(json.dumps(rec), flush=True)
                 f.write(json.dumps(rec) + "\n")
                 f.flush()

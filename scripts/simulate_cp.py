@@ -2,6 +2,9 @@
 
     python -m scripts.simulate_cp validate                 # published figures vs the model
     python -m scripts.simulate_cp predict --gpus 64 --seqlen 1048576 --hardware h100
+    python -m scripts.simulate_cp predict --gpus 1 --seqlen 262144 --hq 8 --hkv 4 --head-dim 64 --layers 8 \
+        --ffn-dim 1376 --vocab-size 32000 --tie-embeddings --activation-checkpoint full \
+        --loss-chunk 2048 --mlp-chunk 2048     # model=small's shape, one process
     python -m scripts.simulate_cp straggle --gpus 256 --tp 8 --cp 4 --pp 4
     python -m scripts.simulate_cp calibrate bench_out/results.jsonl --save cpu.json   # measured vs predicted
 
@@ -9,12 +12,18 @@
 `calibrate` fits a CPU `Hardware` from the bench JSONL without looking at any multi-rank
 time: the kernel rate comes from the 1-rank cell of the same shape, the link from the gloo
 probe the worker records (`link_bw`, `link_lat`); then it predicts every P-rank cell.
+`predict` also prints one training step's peak memory per rank from
+`models.memory.predict_peak_bytes` (the formula behind `scripts.bench_memory`) for the model
+shape (--hq x --head-dim wide, --layers, --ffn-dim, --vocab-size) on seqlen / gpus tokens
+under the train.* memory options (--activation-checkpoint, --loss-chunk, --mlp-chunk).
 Document lengths: `--doclens`, else $LONGCTX_DOCLENS, else the packaged ProLong mix.
 """
 from __future__ import annotations
 
 import argparse
 
+from models.llama import LlamaConfig
+from models.memory import MemoryOptions, predict_peak_bytes
 from parallel.perf.calibrate import compare, fit_cpu_profile, summary
 from parallel.perf.cluster import LLAMA3_8B, straggle
 from parallel.perf.cost import Layout
@@ -35,7 +44,25 @@ def validate(args) -> None:
         print(f"| {r['case']} | {pub if pub else '-'} | {r['simulated']:.3f} | {err} |")
 
 
+def step_memory(args) -> int:
+    """Peak bytes of one float32 training step on one rank: weights, gradients and Adam
+    (unsharded) and the activations of seqlen / gpus tokens, by `predict_peak_bytes`."""
+    options = MemoryOptions(args.activation_checkpoint, args.loss_chunk, args.mlp_chunk)
+    if args.gpus < 1:
+        raise ValueError(f"--gpus={args.gpus} must be at least 1")
+    model = LlamaConfig(vocab_size=args.vocab_size, dim=args.hq * args.head_dim, n_layers=args.layers,
+                        n_heads=args.hq, n_kv_heads=args.hkv, ffn_dim=args.ffn_dim,
+                        tie_embeddings=args.tie_embeddings)
+    peak = predict_peak_bytes(model, args.seqlen // args.gpus, options)
+    print(f"Training step per rank ({args.seqlen // args.gpus:,} tokens, activation_checkpoint="
+          f"{options.activation_checkpoint}, loss_chunk={options.loss_chunk}, mlp_chunk={options.mlp_chunk}): "
+          f"peak {peak:,} bytes = {peak / 2**20:,.0f} MiB (float32, models.memory.predict_peak_bytes; the "
+          "process's runtime not counted), plus the strategy's attention memory below.\n")
+    return peak
+
+
 def predict_cmd(args) -> None:
+    step_memory(args)
     hw = resolve_hardware(args.hardware, "--hardware")
     lay = Layout(args.seqlen, args.hq, args.hkv, args.head_dim, 2)
     docs = sample_doc_lens(args.seqlen, {"file": args.doclens}, 0, setting="--doclens") \
@@ -113,6 +140,14 @@ def main(argv=None) -> None:
     p.add_argument("--hq", type=int, default=32)
     p.add_argument("--hkv", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--ffn-dim", type=int, default=14336)
+    p.add_argument("--vocab-size", type=int, default=128256)
+    p.add_argument("--tie-embeddings", action="store_true", help="one matrix for embedding and output")
+    p.add_argument("--activation-checkpoint", default="none", help="train.activation_checkpoint: none, "
+                   "selective or full")
+    p.add_argument("--loss-chunk", type=int, default=0, help="train.loss_chunk (tokens; 0 = off)")
+    p.add_argument("--mlp-chunk", type=int, default=0, help="train.mlp_chunk (tokens; 0 = off)")
     p.add_argument("--doclens", **doclens)
     p.set_defaults(fn=predict_cmd)
     s = sub.add_parser("straggle", help="DP/PP straggling from document-length imbalance (per_doc_cp, wlb, cad)")

@@ -279,6 +279,7 @@ def evaluate_run(cfg) -> dict[str, float]:
         model = load_trained_model(cfg.eval.checkpoint, cfg.model)
     else:
         vocab = max(int(evaluator.tokenizer.vocab_size), 1)
+        torch.manual_seed(cfg.train.seed)  # the fresh model a run starts from, the same on every rank
         model = build_model(resolve_config(cfg.model, vocab, f"data.source={cfg.data.source}"))
     validate_layer_masks(cfg.model.layer_masks, model.cfg.n_layers, model.cfg.n_kv_heads)
     evaluator.mask_kinds, evaluator.layer_mask = layer_kinds(cfg.train, cfg.model.layer_masks, model.cfg.n_layers)

@@ -55,7 +55,7 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
         self.dims = validate(cfg, self.world)
         self.device, self.amp_dtype = resolve_device(cfg.train)
-        memory = MemoryOptions.from_train(cfg.train)
+        self.memory = memory = MemoryOptions.from_train(cfg.train)
         memory.check_device(self.device)
         self.loader = build_loader(cfg.data, cfg.train.seed, self.dims.coordinates(self.rank)[0], self.dims.dp)
         model_cfg = hf.resolve_config(cfg.model, self.loader.corpus.vocab_size, f"data.source={cfg.data.source}")
@@ -150,10 +150,11 @@ class Trainer:
         self.engine.backward(loss, last_micro=last)
         stats = cp.stats
         cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else 0
+        forward_bytes = stats.bytes_sent[cp_rank] + stats.bytes_recv[cp_rank] if stats.bytes_sent else 0
         return loss.detach(), {
             "pairs": self.layer_pairs or attention_pairs(seq.doc_lens, seqlen, t.mask, t.window),
             "attn_imbalance": stats.imbalance("pairs") if stats.pairs else 1.0,
-            "comm_bytes": stats.bytes_sent[cp_rank] + stats.bytes_recv[cp_rank] if stats.bytes_sent else 0,
+            "comm_bytes": forward_bytes * self.memory.attention_forwards,  # full checkpointing: twice
         }
 
     def sync(self) -> None:

@@ -2,8 +2,9 @@
 
 Every combination gives the plain loss and gradients (float32); the chunked paths never
 materialise [T, ffn] or [T, vocab] whole; `full` keeps only the block inputs; selective
-runs core attention once per block, full twice; on 2 ranks the bytes a CP strategy moves
-per step are unchanged by selective and grow by exactly the forward's bytes with full.
+runs core attention once per block, full twice; on 2 ranks, for every CP strategy, each
+option gives the plain loss and gradients, and the bytes the strategy moves per step are
+unchanged by selective and grow by exactly the forward's bytes with full.
 """
 import itertools
 
@@ -168,17 +169,27 @@ def count_comm_bytes():
     return counted
 
 
+STRATEGIES = {  # name -> (strategy, options); usp on 2 ranks is one of its two pure forms
+    "ring": ("ring", {}),
+    "ulysses": ("ulysses", {}),
+    "allgather": ("allgather", {}),
+    "usp ulysses 2 x ring 1": ("usp", {"ulysses_degree": 2, "ring_degree": 1}),
+    "usp ulysses 1 x ring 2": ("usp", {"ulysses_degree": 1, "ring_degree": 2}),
+    "cad": ("cad", {}),
+}
+
+
 def cp_each_rank(rank, world):
     import parallel
 
     counted = count_comm_bytes()
     results = {}
-    for strategy in ("ring", "ulysses"):
+    for name, (strategy, options) in STRATEGIES.items():
         torch.manual_seed(0)
         model = Llama(CFG)
         tokens, labels = torch.randint(0, VOCAB, (T,)), torch.randint(0, VOCAB, (T,))
         mask = MaskSpec.from_doc_lens(DOCS)
-        cp = parallel.build(strategy, mask, T, backend="reference")
+        cp = parallel.build(strategy, mask, T, backend="reference", **options)
         args = cp.shard(tokens), cp.positions, cp.attention
         model.memory = MemoryOptions()
         counted[0] = 0
@@ -192,14 +203,14 @@ def cp_each_rank(rank, world):
             loss = model(*args, labels=cp.shard(labels))
             loss.backward()
             grads = [p.grad.numpy().copy() for p in model.parameters()]  # numpy: pickled back by value
-            results[strategy, mode] = (loss.item(), grads, counted[0])
-        results[strategy, "forward"] = forward_bytes
+            results[name, mode] = (loss.item(), grads, counted[0])
+        results[name, "forward"] = forward_bytes
     return results
 
 
-def test_two_ranks_selective_moves_the_same_bytes_full_repeats_the_forward():
+def test_two_ranks_every_strategy_same_loss_and_grads_selective_same_bytes_full_repeats_the_forward():
     for rank_results in run_ranks(cp_each_rank, 2):
-        for strategy in ("ring", "ulysses"):
+        for strategy in STRATEGIES:
             loss, grads, moved = rank_results[strategy, "none"]
             forward = rank_results[strategy, "forward"]
             assert 0 < forward < moved
@@ -207,7 +218,8 @@ def test_two_ranks_selective_moves_the_same_bytes_full_repeats_the_forward():
                 got_loss, got_grads, got_moved = rank_results[strategy, mode]
                 assert got_loss == pytest.approx(loss, rel=1e-6)
                 assert_grads_close(map(torch.from_numpy, got_grads), map(torch.from_numpy, grads))
-                assert got_moved == moved + (forward if mode == "full" else 0), f"{strategy} {mode}"
+                repeats = MemoryOptions(mode).attention_forwards - 1  # what the training log counts
+                assert got_moved == moved + forward * repeats, f"{strategy} {mode}"
 
 
 def test_block_saved_values_count_what_autograd_keeps():

@@ -30,3 +30,13 @@ def test_report_writes_table_and_plot(tmp_path):
     assert len(rows) == 2 and "0.3901" in rows[0]
     assert "failed: MemoryError" in text
     assert (tmp_path / "memory_vs_seqlen.png").stat().st_size > 0
+
+
+def test_doc_len_packs_documents_of_that_length(tmp_path):
+    from scripts.bench_memory import compose
+    from train.data import build_loader
+
+    cfg = compose(8192, {}, "cpu", str(tmp_path), doc_len=512)
+    seq = next(build_loader(cfg.data, 0, 0, 1))
+    lens = [int(n) for n in seq.doc_lens]
+    assert sum(lens) == 8192 and max(lens) == 512 and lens.count(512) >= len(lens) - 2  # cut at both ends

@@ -131,3 +131,16 @@ def test_eval_every_logs_and_plots_during_training(corpus, tmp_path):
 def test_bad_eval_settings_raise_naming_them(corpus, tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
         Evaluator(config(corpus, tmp_path, override))
+
+
+def test_eval_without_checkpoint_starts_from_the_seeded_fresh_model(corpus, tmp_path):
+    """scripts.eval_longctx with no eval.checkpoint builds the model under train.seed, so every
+    rank (and a 1-rank run) evaluates the same weights whatever the RNG did before."""
+    from train.evaluate import evaluate_run
+
+    cfg = config(corpus, tmp_path)
+    results = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        results.append(evaluate_run(cfg))
+    assert results[0] == results[1]

@@ -1,7 +1,8 @@
 """Training with the memory options (train.activation_checkpoint / loss_chunk / mlp_chunk):
 2-rank runs under ddp with ring and ulysses, DeepSpeed ZeRO-3 with ring and megatron TP give
 the per-step losses and gradient norms of the same run without them, and a run with them
-resumes bitwise.  One spawn of 2 ranks runs every case.
+resumes bitwise.  The logged comm_bytes count the CP forward traffic that full checkpointing
+repeats (twice that of the plain run; selective: the same).  One spawn of 2 ranks runs every case.
 """
 import os
 
@@ -45,7 +46,9 @@ def each_rank(rank, world, root):
     results = {}
     for i, setup in enumerate(SETUPS):
         for name, memory in (("none", []), ("selective", SELECTIVE), ("full", FULL_CHUNKED)):
-            results[i, name] = losses(config([*setup, *memory], os.path.join(root, f"{i}{name}")))
+            history = run(config([*setup, *memory], os.path.join(root, f"{i}{name}")))
+            results[i, name] = [value for m in history for value in (m["loss"], m["grad_norm"])]
+            results[i, name, "comm"] = [m["comm_bytes"] for m in history]
     resume = ["parallel.dp=2", *FULL_CHUNKED, "checkpoint=default", "checkpoint.every=2", f"checkpoint.dir={root}/ckpt"]
     results["stopped"] = losses(config(resume, os.path.join(root, "first")), stop_at_step=2)
     results["resumed"] = losses(config([*resume, "checkpoint.resume=auto"], os.path.join(root, "second")))
@@ -60,6 +63,10 @@ def test_memory_options_train_like_the_plain_run_and_resume_bitwise(tmp_path):
             assert want[-2] < want[0]  # the loss went down
             for name in ("selective", "full"):
                 assert results[i, name] == pytest.approx(want, rel=1e-5), f"{setup} {name}"
+            comm = results[i, "none", "comm"]
+            assert results[i, "selective", "comm"] == comm
+            assert results[i, "full", "comm"] == [2 * c for c in comm]
+            assert all(c > 0 for c in comm) == ("parallel.tp=2" not in setup)  # TP alone: no CP traffic
         assert results["stopped"] + results["resumed"] == results["straight"]
 
 
