@@ -36,12 +36,17 @@ def submodule(package: str, name: str, path: str | None = None):
 
 
 def fp32fix_copy(package: str) -> tuple[str, str]:
-    """(name, dir) of the patched copy of an installed package, written once per machine."""
+    """(name, dir) of the patched copy of an installed package, written once per machine and
+    package version (an upgraded peer gets a fresh copy, not the old one's)."""
+    from importlib.metadata import version
+
     fixed = f"{package}_fp32fix"
-    dest = os.path.join(FIX_DIR, fixed)
+    home = os.path.join(FIX_DIR, version(package.replace("_", "-")))
+    dest = os.path.join(home, fixed)
     if not os.path.isdir(dest):
         src = importlib.util.find_spec(package).submodule_search_locations[0]
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(FIX_DIR) if os.path.isdir(FIX_DIR) else None)
+        os.makedirs(home, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=home)
         shutil.copytree(src, os.path.join(tmp, fixed), ignore=shutil.ignore_patterns("__pycache__"))
         for root, _, files in os.walk(os.path.join(tmp, fixed)):
             for f in files:
@@ -51,12 +56,11 @@ def fp32fix_copy(package: str) -> tuple[str, str]:
                     text = re.sub(r"(\w+_buffer)\.to\(torch\.float32\)", r"\1.to(torch.float32, copy=True)", text)
                     text = re.sub(rf"\b(from|import) {package}\b", rf"\1 {fixed}", text)
                     open(p, "w").write(text)
-        os.makedirs(FIX_DIR, exist_ok=True)
         try:
             os.rename(os.path.join(tmp, fixed), dest)
         except OSError:  # another rank wrote it first: theirs is the same
             pass
         shutil.rmtree(tmp, ignore_errors=True)
-    if FIX_DIR not in sys.path:  # absolute imports inside the copy (yunchang) name `<package>_fp32fix`
-        sys.path.append(FIX_DIR)
+    if home not in sys.path:  # absolute imports inside the copy (yunchang) name `<package>_fp32fix`
+        sys.path.append(home)
     return fixed, dest
