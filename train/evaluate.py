@@ -8,7 +8,7 @@
   and the key's tokens.  A trial counts when the model's greedy choice is right at every
   answer token given the ones before (teacher forcing: exactly greedy decoding of the answer,
   in one forward pass).  Targets inside a bidirectional prefix (which those rows can see)
-are left out of the losses.  `eval/passkey/<length>/<depth>` = fraction of trials right.
+  are left out of the losses.  `eval/passkey/<length>/<depth>` = fraction of trials right.
 
 Every sequence is one document under the run's own masks (train.mask's window and, with
 model.layer_masks, each layer's window, sink, prefix or S2 heads) through the training
@@ -89,8 +89,7 @@ class Evaluator:
         next-token labels (-100: none), [T] each."""
         masks = [build_mask([tokens.numel()], self.cfg.train, kinds) for kinds in self.mask_kinds]
         cp = LayerStrategies(masks, self.layer_mask, tokens.numel(), self.cfg.parallel, group=cp_group)
-        prefix = max(k["prefix"] or 0 for k in self.mask_kinds)
-        labels = cp.shard(hide_prefix_targets(labels, cp.mask, prefix) if prefix else labels).to(device)
+        labels = cp.shard(hide_prefix_targets(labels, cp.mask, self.mask_kinds)).to(device)
         positions = cp.rope_positions().to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(cp.shard(tokens).to(device), positions, cp.attention).float()

@@ -105,8 +105,12 @@ def describe(mask: MaskSpec) -> str:
     return "+".join(parts + ["documents"] * mask.has_docs)
 
 
-def hide_prefix_targets(labels: torch.Tensor, mask: MaskSpec, prefix: int) -> torch.Tensor:
-    """labels with -100 where the target lies inside its document's first `prefix` tokens:
-    a layer with a bidirectional prefix lets those rows see their targets."""
+def hide_prefix_targets(labels: torch.Tensor, mask: MaskSpec, mask_kinds: list[dict]) -> torch.Tensor:
+    """labels with -100 where the target lies inside its document's first `prefix` tokens,
+    the longest prefix of any layer's kinds (`layer_kinds`): a layer with a bidirectional
+    prefix lets those rows see their targets.  No prefix: labels as they are."""
+    prefix = max(kinds["prefix"] or 0 for kinds in mask_kinds)
+    if not prefix:
+        return labels
     relative = document_positions(torch.arange(labels.numel()), mask.cu_doc_starts)
     return labels.masked_fill(relative + 1 < prefix, -100)

@@ -61,7 +61,6 @@ class Trainer:
         model_cfg = hf.resolve_config(cfg.model, self.loader.corpus.vocab_size, f"data.source={cfg.data.source}")
         validate_layer_masks(cfg.model.layer_masks, model_cfg.n_layers, model_cfg.n_kv_heads, cfg.parallel.tp)
         self.mask_kinds, self.layer_mask = layer_kinds(cfg.train, cfg.model.layer_masks, model_cfg.n_layers)
-        self.loss_prefix = max(k["prefix"] or 0 for k in self.mask_kinds)
         self.evaluator = evaluate.build_evaluator(cfg, (self.mask_kinds, self.layer_mask))
         # the first collective: every check is above
         self.groups = build_groups(cfg, self.dims) if self.distributed else None
@@ -139,8 +138,7 @@ class Trainer:
         t, seqlen, device = self.cfg.train, self.cfg.data.seqlen, self.device
         cp = self.strategy(seq.doc_lens)
         labels = next_token_labels(seq.tokens, seq.doc_lens if uses_documents(t.mask) else None)
-        if self.loss_prefix:
-            labels = hide_prefix_targets(labels, cp.mask, self.loss_prefix)
+        labels = hide_prefix_targets(labels, cp.mask, self.mask_kinds)
         n_predicted = max(int((labels != -100).sum()), 1)
         amp = self.amp_dtype
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):

@@ -89,9 +89,10 @@ def test_layers_get_their_own_masks():
 def test_prefix_targets_are_not_trained_on():
     mask = kernels.MaskSpec.from_doc_lens(DOC_LENS, causal=True, prefix=[4, 4])
     labels = torch.arange(SEQLEN)
-    hidden = hide_prefix_targets(labels, mask, 4)
+    hidden = hide_prefix_targets(labels, mask, [{"prefix": None}, {"prefix": 4}, {"prefix": 2}])  # the longest
     # targets at document positions 1..3 (inside the prefix) are hidden; position 3 predicts 4
     assert (hidden == -100).nonzero().flatten().tolist() == [0, 1, 2, 13, 14, 15]
+    assert hide_prefix_targets(labels, mask, [{"prefix": None}]) is labels
 
 
 def cp_case(rank, world, strategy, options):
